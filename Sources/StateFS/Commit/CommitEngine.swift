@@ -1,0 +1,317 @@
+import CFuse
+import Logging
+import Synchronization
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// Settings of the commit engine.
+public struct CommitOptions: Sendable {
+  /// fsync file, journal and directory before a commit returns.
+  public var durable = false
+  /// Buffers and snapshots larger than this go to spill files.
+  public var spillThreshold: Int64 = 4 << 20
+  /// Write-ahead journal (off only in the test that shows what it prevents).
+  public var journal = true
+  /// How long an open waits for an O_TRUNC handle closed with nothing written.
+  public var truncationWait: Double = 0.25
+
+  public init() {}
+}
+
+/// Buffers writes per handle, serves snapshot reads, and commits whole versions
+/// in place under flock with a write-ahead journal. Knows nothing of FUSE.
+public final class CommitEngine: Sendable {
+  public let options: CommitOptions
+  public let stats: Stats
+  let spill: SpillStore
+  let journal: Journal
+  let logger: Logger
+
+  /// `privateDirFd` is the daemon's hidden directory in the source filesystem.
+  public init(privateDirFd: Int32, options: CommitOptions, stats: Stats, logger: Logger) {
+    self.options = options
+    self.stats = stats
+    self.spill = SpillStore(dirFd: privateDirFd, threshold: options.spillThreshold, stats: stats)
+    self.journal = Journal(dirFd: privateDirFd, durable: options.durable, enabled: options.journal)
+    self.logger = logger
+  }
+
+  // MARK: locks
+
+  /// Takes a flock, counting the wait when another holder makes us wait.
+  func lock(_ fd: Int32, _ op: Int32) throws(Errno) {
+    if try Sys.tryFlock(fd, op) { return }
+    var t0 = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t0)
+    try Sys.flock(fd, op)
+    var t1 = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t1)
+    stats.recordLockWait(nanos: Int64(t1.tv_sec - t0.tv_sec) * 1_000_000_000 + Int64(t1.tv_nsec - t0.tv_nsec))
+  }
+
+  func unlock(_ fd: Int32) { Sys.unlock(fd) }
+
+  /// Captures the committed version of the file open as `fd`, under LOCK_SH.
+  func snapshot(of fd: Int32) throws(Errno) -> Blob {
+    try lock(fd, LOCK_SH)
+    defer { unlock(fd) }
+    let st = try Sys.fstat(fd)
+    let blob = Blob(store: spill)
+    try blob.fill(from: fd, count: Int64(st.st_size))
+    stats.snapshots.add(1, ordering: .relaxed)
+    return blob
+  }
+
+  // MARK: handles
+
+  /// Makes the handle for an open of a regular file; `fd` becomes the handle's
+  /// (closed with it, or here on failure).
+  public func open(fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState) throws(Errno)
+    -> OpenFile
+  {
+    let acc = flags & O_ACCMODE
+    let writable = acc != O_RDONLY
+    let truncate = writable && (flags & O_TRUNC) != 0
+    // O_TRUNC|O_APPEND writes a whole new version: it is not an append of bytes.
+    let append = writable && (flags & O_APPEND) != 0 && !truncate
+    if !truncate { file.waitForPendingTruncations(timeout: options.truncationWait) }
+    var snap: Blob? = nil
+    if !truncate && (!append || acc == O_RDWR) {
+      do { snap = try snapshot(of: fd) } catch {
+        Sys.close(fd)
+        throw error
+      }
+    }
+    let handle = OpenFile(
+      fd: fd, inode: inode, nodeID: nodeID, writable: writable, append: append, file: file,
+      readSnapshot: writable ? nil : snap)
+    if writable {
+      handle.state.withLock { s in
+        s.snapshot = snap
+        if truncate || append { s.buffer = Blob(store: spill) }
+        s.truncationPending = truncate
+      }
+    }
+    stats.openHandles.add(1, ordering: .relaxed)
+    return handle
+  }
+
+  /// Reads a handle's own view into `buf`: the version it opened, or once it has
+  /// written its buffer (for O_APPEND: the version, then the pending bytes).
+  public func read(_ h: OpenFile, offset: Int64, count: Int, into buf: UnsafeMutableRawPointer) throws(Errno) -> Int {
+    if let snap = h.readSnapshot { return try snap.read(into: buf, count: count, offset: offset) }
+    return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Int in
+      if h.append {
+        if s.snapshot == nil || s.snapshotStale {
+          s.snapshot = try snapshot(of: h.fd)
+          s.snapshotStale = false
+        }
+        let base = s.snapshot!.size
+        var done = 0
+        if offset < base { done = try s.snapshot!.read(into: buf, count: count, offset: offset) }
+        if done < count, let extra = s.buffer {
+          let at = offset + Int64(done) - base
+          if at >= 0 { done += try extra.read(into: buf + done, count: count - done, offset: at) }
+        }
+        return done
+      }
+      guard let blob = s.buffer ?? s.snapshot else { return 0 }
+      return try blob.read(into: buf, count: count, offset: offset)
+    }
+  }
+
+  /// The size of a handle's own view.
+  public func viewSize(_ h: OpenFile) -> Int64 {
+    if let snap = h.readSnapshot { return snap.size }
+    return h.state.withLock { s in
+      if h.append { return (s.snapshot?.size ?? 0) + (s.buffer?.size ?? 0) }
+      return (s.buffer ?? s.snapshot)?.size ?? 0
+    }
+  }
+
+  /// fallocate(2) on a handle: mode 0 extends the buffer; KEEP_SIZE alone changes nothing
+  /// visible; PUNCH_HOLE|KEEP_SIZE zeroes a range.
+  public func fallocate(_ h: OpenFile, mode: Int32, offset: Int64, length: Int64) throws(Errno) {
+    guard h.writable, !h.append else { throw Errno.badFile }
+    let keepSize: Int32 = 0x01
+    let punchHole: Int32 = 0x02
+    if mode == keepSize { return }
+    if mode == 0 {
+      if offset + length > viewSize(h) { try truncate(h, size: offset + length) }
+      return
+    }
+    if mode == keepSize | punchHole {
+      let end = min(offset + length, viewSize(h))
+      if end <= offset { return }
+      let chunk = 1 << 16
+      let zeros = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 16)
+      defer { zeros.deallocate() }
+      zeros.initializeMemory(as: UInt8.self, repeating: 0, count: chunk)
+      var at = offset
+      while at < end {
+        let n = Int(min(Int64(chunk), end - at))
+        try write(h, bytes: zeros, count: n, offset: at)
+        at += Int64(n)
+      }
+      return
+    }
+    throw Errno.notSupported
+  }
+
+  /// Buffers a write; nothing reaches the backing file until a commit.
+  public func write(_ h: OpenFile, bytes: UnsafeRawPointer, count: Int, offset: Int64) throws(Errno) {
+    guard h.writable else { throw Errno.badFile }
+    try h.state.withLock { (s: inout OpenFileState) throws(Errno) in
+      if s.buffer == nil {
+        let b = Blob(store: spill)
+        if let snap = s.snapshot { try snap.copy(into: b) }
+        s.buffer = b
+      }
+      if h.append {
+        try s.buffer!.append(bytes, count: count)
+      } else {
+        try s.buffer!.write(bytes, count: count, offset: offset)
+      }
+      s.dirty = true
+      clearPending(h, &s)
+    }
+  }
+
+  /// ftruncate(2) on a handle: cuts or extends its buffer.
+  public func truncate(_ h: OpenFile, size: Int64) throws(Errno) {
+    guard h.writable else { throw Errno.invalid }
+    try h.state.withLock { (s: inout OpenFileState) throws(Errno) in
+      if h.append {
+        // An O_APPEND handle that truncates becomes a whole-content writer of its view.
+        throw Errno.notSupported
+      }
+      if s.buffer == nil {
+        let b = Blob(store: spill)
+        if let snap = s.snapshot { try snap.copy(into: b) }
+        s.buffer = b
+      }
+      try s.buffer!.truncate(size)
+      s.dirty = true
+      clearPending(h, &s)
+    }
+  }
+
+  private func clearPending(_ h: OpenFile, _ s: inout OpenFileState) {
+    if s.countedPending {
+      s.countedPending = false
+      h.file.pendingTruncations.subtract(1, ordering: .releasing)
+    }
+  }
+
+  /// What a close() (FLUSH) does: commit if the handle wrote since its last commit.
+  /// Returns true when a commit happened (the caller invalidates the kernel's caches).
+  public func flush(_ h: OpenFile) throws(Errno) -> Bool {
+    guard h.writable else { return false }
+    return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
+      if let e = s.failure {
+        s.failure = nil
+        throw e
+      }
+      if s.dirty { return try commitLocked(h, &s, sync: false) }
+      if s.truncationPending && !s.countedPending {
+        // Maybe `echo x > f`'s dup2 close, with the write still to come: publish at
+        // release, and let other opens wait for it meanwhile.
+        s.countedPending = true
+        h.file.pendingTruncations.add(1, ordering: .releasing)
+      }
+      return false
+    }
+  }
+
+  /// fsync/fdatasync: commit pending content durably.
+  public func fsync(_ h: OpenFile) throws(Errno) -> Bool {
+    guard h.writable else { return false }
+    return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
+      if let e = s.failure {
+        s.failure = nil
+        throw e
+      }
+      if s.dirty || s.truncationPending { return try commitLocked(h, &s, sync: true) }
+      try Sys.fsync(h.fd)
+      return false
+    }
+  }
+
+  /// The last close: commit whatever is still pending (errors can only be logged).
+  public func release(_ h: OpenFile) -> Bool {
+    defer { stats.openHandles.subtract(1, ordering: .relaxed) }
+    guard h.writable else { return false }
+    return h.state.withLock { s -> Bool in
+      defer { clearPending(h, &s) }
+      if s.dirty || s.truncationPending {
+        return (try? commitLocked(h, &s, sync: false)) ?? false
+      }
+      return false
+    }
+  }
+
+  private func commitLocked(_ h: OpenFile, _ s: inout OpenFileState, sync: Bool) throws(Errno) -> Bool {
+    let content = s.buffer ?? Blob(store: spill)
+    s.dirty = false
+    s.truncationPending = false
+    clearPending(h, &s)
+    do {
+      try commitContent(fd: h.fd, inode: h.inode, content: content, append: h.append, sync: sync)
+    } catch {
+      stats.commitFailures.add(1, ordering: .relaxed)
+      logger.error(
+        "commit failed",
+        metadata: ["inode": "\(h.inode)", "errno": "\(error.rawValue)", "error": "\(error)", "path": "\(describe(h.fd))"]
+      )
+      throw error
+    }
+    if h.append {
+      s.buffer = Blob(store: spill)
+      s.snapshotStale = true
+    } else {
+      s.snapshot = nil
+    }
+    return true
+  }
+
+  /// Writes one whole version (or one append) into the file open as `fd`, under LOCK_EX.
+  func commitContent(fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool) throws(Errno) {
+    try lock(fd, LOCK_EX)
+    defer { unlock(fd) }
+    let offset: Int64 = append ? Int64(try Sys.fstat(fd).st_size) : 0
+    let length = content.size
+    // Reserve the blocks first: a full disk then fails here, before the file is touched.
+    if length > 0 {
+      do { try Sys.fallocate(fd, statefs_FALLOC_FL_KEEP_SIZE, offset, length) } catch {
+        if error.rawValue != EOPNOTSUPP && error.rawValue != ENOSYS { throw error }
+      }
+    }
+    let slot = try journal.begin(
+      target: fd, inode: inode, kind: append ? .append : .replace, offset: offset, content: content)
+    defer { journal.retire(slot) }
+    try content.writeAll(to: fd, at: offset)
+    if !append { try Sys.ftruncate(fd, length) }
+    if sync || options.durable { try Sys.fsync(fd) }
+    stats.commits.add(1, ordering: .relaxed)
+    stats.bytesCommitted.add(length, ordering: .relaxed)
+  }
+
+  /// truncate(2) by path: committed at once under LOCK_EX.
+  public func truncateFile(fd: Int32, size: Int64) throws(Errno) {
+    try lock(fd, LOCK_EX)
+    defer { unlock(fd) }
+    try Sys.ftruncate(fd, size)
+    if options.durable { try Sys.fsync(fd) }
+    stats.commits.add(1, ordering: .relaxed)
+  }
+
+  /// A readable name for a descriptor in logs.
+  func describe(_ fd: Int32) -> String {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink(Sys.procPath(fd), &buf, 4095)
+    if n <= 0 { return "fd \(fd)" }
+    return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+  }
+}

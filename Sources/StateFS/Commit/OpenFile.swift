@@ -1,0 +1,78 @@
+import Synchronization
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// State shared by every handle this daemon has open on one backing file.
+public final class FileState: Sendable {
+  /// Handles opened with O_TRUNC that were closed once (a FLUSH) with nothing
+  /// written yet: their truncation is still to be published.
+  let pendingTruncations = Atomic<Int>(0)
+
+  public init() {}
+
+  /// Waits up to `timeout` seconds for pending truncations to be written or released,
+  /// so an open right after `: > f` sees the empty file.
+  func waitForPendingTruncations(timeout: Double) {
+    if pendingTruncations.load(ordering: .acquiring) == 0 { return }
+    var waited: Double = 0
+    var step: UInt32 = 50
+    while pendingTruncations.load(ordering: .acquiring) > 0 && waited < timeout {
+      usleep(step)
+      waited += Double(step) / 1e6
+      step = min(step * 2, 5000)
+    }
+  }
+}
+
+/// Mutable part of an open handle, guarded by the handle's mutex.
+struct OpenFileState: ~Copyable {
+  /// The committed version captured at open (reads of read-only handles, base of writers).
+  var snapshot: Blob?
+  /// The handle's private content: the whole new version, or for O_APPEND the bytes to append.
+  var buffer: Blob?
+  /// Written since the last commit.
+  var dirty = false
+  /// Opened with O_TRUNC and the truncation not yet committed.
+  var truncationPending = false
+  /// Counted in `FileState.pendingTruncations`.
+  var countedPending = false
+  /// The snapshot no longer matches what this handle committed (after an append).
+  var snapshotStale = false
+  /// The first commit failure not yet reported to the program.
+  var failure: Errno?
+}
+
+/// One open() of a regular file through the mount: its backing descriptor and its
+/// private buffer or snapshot.
+public final class OpenFile: Sendable {
+  /// The backing file, opened O_RDONLY or O_RDWR (never O_TRUNC/O_APPEND).
+  public let fd: Int32
+  /// The backing inode number (for the journal and logs).
+  public let inode: UInt64
+  /// The kernel's node id, for invalidations.
+  public let nodeID: UInt64
+  public let writable: Bool
+  public let append: Bool
+  public let file: FileState
+  /// A read-only handle's version, fixed for its whole life (read without locking).
+  let readSnapshot: Blob?
+  let state: Mutex<OpenFileState>
+
+  init(
+    fd: Int32, inode: UInt64, nodeID: UInt64, writable: Bool, append: Bool, file: FileState,
+    readSnapshot: Blob?
+  ) {
+    self.readSnapshot = readSnapshot
+    self.fd = fd
+    self.inode = inode
+    self.nodeID = nodeID
+    self.writable = writable
+    self.append = append
+    self.file = file
+    self.state = Mutex(OpenFileState())
+  }
+
+  deinit { Sys.close(fd) }
+}

@@ -1,0 +1,78 @@
+import CFuse
+
+#if canImport(Glibc)
+  import Glibc
+#endif
+
+/// The virtual xattr on the mount's root that `statefs status` reads.
+public let statusXattrName = "user.statefs.status"
+
+/// statfs, access and extended attributes.
+extension FileSystem {
+  func statfs(_ req: consuming Request, _ ino: UInt64) {
+    var sv = statvfs()
+    if statefs_statvfs(Sys.procPath(table.root.fd), &sv) != 0 { return req.reply(.current) }
+    req.statfs(sv)
+  }
+
+  func access(_ req: consuming Request, _ ino: UInt64, _ mask: Int32) {
+    guard let n = table.node(ino) else { return req.reply(.noEntry) }
+    if options.readOnly && mask & W_OK != 0 { return req.reply(.readOnly) }
+    if n.type == S_IFLNK { return req.ok() }
+    if faccessat(AT_FDCWD, Sys.procPath(n.fd), mask, 0) != 0 { return req.reply(.current) }
+    req.ok()
+  }
+
+  func setxattr(
+    _ req: consuming Request, _ ino: UInt64, _ name: UnsafePointer<CChar>, _ value: UnsafePointer<CChar>,
+    _ size: Int, _ flags: Int32
+  ) {
+    guard let n = table.node(ino) else { return req.reply(.noEntry) }
+    if options.readOnly { return req.reply(.readOnly) }
+    if ino == UInt64(FUSE_ROOT_ID) && strcmp(name, statusXattrName) == 0 { return req.reply(.permission) }
+    req.reply(attempt { () throws(Errno) in
+      _ = try retrying { CFuse.setxattr(Sys.procPath(n.fd), name, value, size, flags) }
+    })
+  }
+
+  func getxattr(_ req: consuming Request, _ ino: UInt64, _ name: UnsafePointer<CChar>, _ size: Int) {
+    guard let n = table.node(ino) else { return req.reply(.noEntry) }
+    if ino == UInt64(FUSE_ROOT_ID) && strcmp(name, statusXattrName) == 0 {
+      let json = Array(statusJSON().utf8)
+      if size == 0 { return req.xattrSize(json.count) }
+      if size < json.count { return req.reply(Errno(ERANGE)) }
+      let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: json.count, alignment: 1)
+      defer { copy.deallocate() }
+      copy.copyBytes(from: json)
+      return req.buffer(UnsafeRawBufferPointer(copy))
+    }
+    if size == 0 {
+      let r = CFuse.getxattr(Sys.procPath(n.fd), name, nil, 0)
+      return r < 0 ? req.reply(.current) : req.xattrSize(r)
+    }
+    let buf = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+    defer { buf.deallocate() }
+    let r = CFuse.getxattr(Sys.procPath(n.fd), name, buf, size)
+    if r < 0 { return req.reply(.current) }
+    req.buffer(UnsafeRawBufferPointer(start: buf, count: r))
+  }
+
+  func listxattr(_ req: consuming Request, _ ino: UInt64, _ size: Int) {
+    guard let n = table.node(ino) else { return req.reply(.noEntry) }
+    if size == 0 {
+      let r = CFuse.listxattr(Sys.procPath(n.fd), nil, 0)
+      return r < 0 ? req.reply(.current) : req.xattrSize(r)
+    }
+    let buf = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+    defer { buf.deallocate() }
+    let r = CFuse.listxattr(Sys.procPath(n.fd), buf, size)
+    if r < 0 { return req.reply(.current) }
+    req.buffer(UnsafeRawBufferPointer(start: buf, count: r))
+  }
+
+  func removexattr(_ req: consuming Request, _ ino: UInt64, _ name: UnsafePointer<CChar>) {
+    guard let n = table.node(ino) else { return req.reply(.noEntry) }
+    if options.readOnly { return req.reply(.readOnly) }
+    req.reply(attempt { () throws(Errno) in _ = try retrying { CFuse.removexattr(Sys.procPath(n.fd), name) } })
+  }
+}
