@@ -17,6 +17,8 @@
 #include <sys/statvfs.h>
 #include <sys/vfs.h>
 #include <unistd.h>
+#include <sys/uio.h>
+#include <linux/fuse.h>
 
 static const int statefs_O_PATH = 010000000;
 static const int statefs_O_TMPFILE = (020000000 | 0200000);
@@ -98,6 +100,54 @@ static inline long statefs_fs_type(const char *path) {
 
 /// pipe2(O_CLOEXEC).
 static inline int statefs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
+/// The unique id of the kernel's INIT request, seen by statefs_io_read.
+static uint64_t statefs_init_unique = UINT64_MAX;
+
+/// Reads one request from /dev/fuse, noting the INIT request's id.
+static inline ssize_t statefs_io_read(int fd, void *buf, size_t len, void *userdata) {
+  (void)userdata;
+  ssize_t r = read(fd, buf, len);
+  if (r >= (ssize_t)sizeof(struct fuse_in_header)) {
+    const struct fuse_in_header *h = (const struct fuse_in_header *)buf;
+    if (h->opcode == FUSE_INIT) __atomic_store_n(&statefs_init_unique, h->unique, __ATOMIC_RELEASE);
+  }
+  return r;
+}
+
+/// Writes one reply to /dev/fuse. The INIT reply additionally asks for
+/// FUSE_DIRECT_IO_ALLOW_MMAP (flags2 bit 4, kernel 6.6+), which libfuse 3.14 cannot
+/// request: without it, shared mmap of a direct_io file fails with ENODEV.
+static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, void *userdata) {
+  (void)userdata;
+  if (count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
+    struct fuse_out_header *oh = (struct fuse_out_header *)iov[0].iov_base;
+    if (oh->error == 0 && oh->unique == __atomic_load_n(&statefs_init_unique, __ATOMIC_ACQUIRE) &&
+        iov[1].iov_len >= 36) {
+      unsigned char *out = (unsigned char *)iov[1].iov_base;
+      uint32_t flags, flags2;
+      memcpy(&flags, out + 12, 4);
+      memcpy(&flags2, out + 32, 4);
+      if (flags & (1u << 30)) { /* FUSE_INIT_EXT: flags2 is read */
+        flags2 |= (1u << 4);
+        memcpy(out + 32, &flags2, 4);
+      }
+      __atomic_store_n(&statefs_init_unique, UINT64_MAX, __ATOMIC_RELEASE);
+    }
+  }
+  return writev(fd, iov, count);
+}
+
+/// Routes the session's /dev/fuse traffic through statefs_io_read/_writev.
+static inline int statefs_use_custom_io(struct fuse_session *se) {
+  static const struct fuse_custom_io io = {
+    .writev = statefs_io_writev,
+    .read = statefs_io_read,
+    .splice_receive = NULL,
+    .splice_send = NULL,
+  };
+  return fuse_session_custom_io(se, &io, fuse_session_fd(se));
+}
 
 /// FUSE_ARGS_INIT, which Swift cannot import.
 static inline struct fuse_args statefs_args_init(int argc, char **argv) {

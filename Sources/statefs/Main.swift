@@ -12,9 +12,10 @@ struct StateFSCommand: ParsableCommand {
     commandName: "statefs",
     abstract: "A FUSE filesystem that makes every file in a directory an atomic state file.",
     discussion: """
-      Readers never see a half-written, empty or spliced file: writes are buffered per
-      open file and committed whole under flock(LOCK_EX) on the backing file; reads take
-      one whole version under flock(LOCK_SH). `fusermount -u MOUNTPOINT` detaches.
+      Readers never see a half-written, empty or spliced file: writes are \
+      buffered per open file and committed whole under flock(LOCK_EX) on the \
+      backing file; reads take one whole version under flock(LOCK_SH). \
+      `fusermount -u MOUNTPOINT` detaches.
 
       mount(8) form (used by mount.fuse3 and /etc/fstab):
         statefs SOURCE MOUNTPOINT [-o OPTIONS]

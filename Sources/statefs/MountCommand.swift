@@ -22,25 +22,25 @@ struct Mount: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Mount a statefs over a directory (in place unless --source is given).",
     discussion: """
-      Returns once the mount answers (exit 0), or prints one line naming the problem
-      (exit 1; exit 2 for bad options). Detach with `fusermount -u MOUNTPOINT`,
-      `statefs unmount MOUNTPOINT`, or SIGTERM/SIGINT to the daemon.
+      Returns once the mount answers (exit 0), or prints one line naming the \
+      problem (exit 1; exit 2 for bad options). Detach with \
+      `fusermount -u MOUNTPOINT`, `statefs unmount MOUNTPOINT`, or SIGTERM or \
+      SIGINT to the daemon.
 
-      Options (-o, comma-separated; FUSE conventions):
-        allow_other          let other users in; the kernel checks permissions
-                             (default_permissions is always on)
+      Options (-o, comma-separated, FUSE conventions):
+        allow_other        let other users in; the kernel checks permissions
         default_permissions  kernel permission checks (always on)
-        ro                   read-only: every write fails with EROFS
-        fsname=NAME          the source shown by mount and df (default: SOURCE)
-        auto_unmount         unmount when the daemon dies
-        durable              a commit is on stable storage before close() returns
-        spill_threshold=SIZE buffers and snapshots above SIZE spill to disk (default 4M)
-        log=PATH             log file for the background daemon
-        log_level=LEVEL      trace|debug|info|notice|warning|error|critical
-        threads=N            FUSE worker threads (default 64)
-        cache_timeout=SECS   how long the kernel caches names and attributes (default 1)
-      mount(8)-only options (nofail, _netdev, auto, noauto, user, users, defaults) are
-      accepted and ignored.
+        ro                 read-only: every write fails with EROFS
+        fsname=NAME        source name shown by mount and df (default: SOURCE)
+        auto_unmount       unmount when the daemon dies
+        durable            commits reach stable storage before close() returns
+        spill_threshold=N  buffers and snapshots above N spill to disk (4M)
+        log=PATH           log file of the background daemon
+        log_level=LEVEL    trace, debug, info, notice, warning, error, critical
+        threads=N          FUSE worker threads (64)
+        cache_timeout=S    seconds the kernel caches names and attributes (1)
+      mount(8) options (nofail, _netdev, auto, noauto, user, users, defaults) \
+      are accepted and ignored.
       """
   )
 
@@ -290,6 +290,7 @@ struct Mount: ParsableCommand {
     report("ok")
     if let fd = ready { close(fd) }
     let r = session.run(maxThreads: opts.threads)
+    engine.shutdown()
     logger.info("unmounted", metadata: ["mountpoint": "\(plan.mountpoint)"])
     Glibc.exit(r == 0 ? 0 : 1)
   }

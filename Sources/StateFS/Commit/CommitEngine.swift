@@ -28,6 +28,8 @@ public final class CommitEngine: Sendable {
   let spill: SpillStore
   let journal: Journal
   let logger: Logger
+  /// Handles closed once with only their O_TRUNC pending, whose RELEASE is still to come.
+  private let awaitingRelease = Mutex<[ObjectIdentifier: OpenFile]>([:])
 
   /// `privateDirFd` is the daemon's hidden directory in the source filesystem.
   public init(privateDirFd: Int32, options: CommitOptions, stats: Stats, logger: Logger) {
@@ -202,7 +204,15 @@ public final class CommitEngine: Sendable {
     if s.countedPending {
       s.countedPending = false
       h.file.pendingTruncations.subtract(1, ordering: .releasing)
+      _ = awaitingRelease.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
     }
+  }
+
+  /// At shutdown: publish the truncations of handles that were closed but whose
+  /// RELEASE never arrived (the program's close() already returned).
+  public func shutdown() {
+    let left = awaitingRelease.withLock { Array($0.values) }
+    for h in left { _ = release(h) }
   }
 
   /// What a close() (FLUSH) does: commit if the handle wrote since its last commit.
@@ -220,6 +230,7 @@ public final class CommitEngine: Sendable {
         // release, and let other opens wait for it meanwhile.
         s.countedPending = true
         h.file.pendingTruncations.add(1, ordering: .releasing)
+        awaitingRelease.withLock { $0[ObjectIdentifier(h)] = h }
       }
       return false
     }

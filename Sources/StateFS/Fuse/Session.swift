@@ -47,6 +47,8 @@ public final class FuseSession {
       throw Errno.ioError
     }
     mounted = true
+    // Shared mmap of direct_io files needs an INIT flag libfuse 3.14 cannot send.
+    _ = statefs_use_custom_io(se)
   }
 
   /// Serves requests until unmounted or signalled; returns libfuse's loop result.
