@@ -117,6 +117,7 @@ final class Blob: @unchecked Sendable {
 
   /// Writes bytes at `offset`, growing (zero-filled) as needed; spills beyond the threshold.
   func write(_ bytes: UnsafeRawPointer, count: Int, offset: Int64) throws(Errno) {
+    if count <= 0 { return }
     let end = offset + Int64(count)
     if fd < 0 && end > store.threshold { try spill() }
     if fd >= 0 {
@@ -152,7 +153,7 @@ final class Blob: @unchecked Sendable {
 
   /// Fills an empty blob with `count` bytes of `src` from `offset` (a snapshot or a base copy).
   func fill(from src: Int32, offset: Int64 = 0, count: Int64) throws(Errno) {
-    precondition(size == 0)
+    if count <= 0 { return }
     if count > store.threshold {
       try spill()
       let copied = try Sys.copyRange(from: src, at: offset, to: fd, at: 0, count: count)
