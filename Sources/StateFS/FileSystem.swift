@@ -96,6 +96,15 @@ public final class FileSystem: Sendable {
     _ = try retrying { fchownat(parent.fd, name, uid, group, AT_SYMLINK_NOFOLLOW) }
   }
 
+  /// With the durable option, makes a namespace change in `dir` survive power loss.
+  func syncDirectory(_ dir: Node) {
+    guard engine.options.durable else { return }
+    if let fd = try? Sys.openat(dir.fd, ".", O_RDONLY | O_DIRECTORY) {
+      try? Sys.fsync(fd)
+      Sys.close(fd)
+    }
+  }
+
   /// Human-readable status of this mount as JSON (served as a virtual xattr on the root).
   public func statusJSON() -> String {
     var fields: [String] = [

@@ -238,7 +238,10 @@ public final class CommitEngine: Sendable {
 
   /// fsync/fdatasync: commit pending content durably.
   public func fsync(_ h: OpenFile) throws(Errno) -> Bool {
-    guard h.writable else { return false }
+    guard h.writable else {
+      try Sys.fsync(h.fd)
+      return false
+    }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
       if let e = s.failure {
         s.failure = nil

@@ -116,7 +116,9 @@ extension FileSystem {
         if unlinkat(p.fd, name, 0) != 0 { unlinkat(p.fd, name, AT_REMOVEDIR) }
         throw error
       }
-      req.entry(try lookupEntry(p, name))
+      let e = try lookupEntry(p, name)
+      syncDirectory(p)
+      req.entry(e)
     } catch {
       req.reply(error)
     }
@@ -147,14 +149,20 @@ extension FileSystem {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.noEntry) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in _ = try retrying { unlinkat(p.fd, name, 0) } })
+    req.reply(attempt { () throws(Errno) in
+      _ = try retrying { unlinkat(p.fd, name, 0) }
+      syncDirectory(p)
+    })
   }
 
   func rmdir(_ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.noEntry) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in _ = try retrying { unlinkat(p.fd, name, AT_REMOVEDIR) } })
+    req.reply(attempt { () throws(Errno) in
+      _ = try retrying { unlinkat(p.fd, name, AT_REMOVEDIR) }
+      syncDirectory(p)
+    })
   }
 
   func rename(
@@ -171,6 +179,8 @@ extension FileSystem {
       } else {
         _ = try retrying { statefs_renameat2(p.fd, name, np.fd, newName, flags) }
       }
+      syncDirectory(np)
+      if np !== p { syncDirectory(p) }
     })
   }
 
@@ -180,7 +190,9 @@ extension FileSystem {
     if options.readOnly { return req.reply(.readOnly) }
     do {
       _ = try retrying { linkat(n.fd, "", np.fd, newName, LinuxFlags.emptyPath) }
-      req.entry(try lookupEntry(np, newName))
+      let e = try lookupEntry(np, newName)
+      syncDirectory(np)
+      req.entry(e)
     } catch {
       req.reply(error)
     }

@@ -76,6 +76,7 @@ extension FileSystem {
         table.forget(node.id, 1)
         throw error
       }
+      if created { syncDirectory(p) }
       publish(h, fi)
       req.create(entryParam(node, st), fi)
     } catch {
@@ -97,6 +98,7 @@ extension FileSystem {
 
   func read(_ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>) {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
+    if off < 0 { return req.reply(.invalid) }
     if let snap = h.readSnapshot {
       // A read-only handle's snapshot never changes: serve it without any lock.
       if off >= snap.size { return req.buffer(UnsafeRawBufferPointer(start: nil, count: 0)) }
@@ -119,6 +121,7 @@ extension FileSystem {
     _ fi: UnsafeMutablePointer<fuse_file_info>
   ) {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
+    if off < 0 { return req.reply(.invalid) }
     do {
       try engine.write(h, bytes: UnsafeRawPointer(buf), count: size, offset: off)
       req.written(size)
