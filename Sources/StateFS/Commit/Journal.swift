@@ -190,6 +190,14 @@ public final class Journal: Sendable {
     }
   }
 
+  /// Leaves the slot's record live for recovery and takes the slot out of use.
+  func abandon(_ slot: JournalSlot?) {
+    guard let slot else { return }
+    if durable { try? Sys.fdatasync(slot.fd) }
+    // The descriptor (and its lock) stays open until exit, so no one reuses or recovers
+    // the record while this daemon lives.
+  }
+
   /// Marks the slot's record done and returns the slot to the pool.
   func retire(_ slot: JournalSlot?) {
     guard let slot else { return }

@@ -40,8 +40,6 @@ struct OpenFileState: ~Copyable {
   var countedPending = false
   /// The snapshot no longer matches what this handle committed (after an append).
   var snapshotStale = false
-  /// The first commit failure not yet reported to the program.
-  var failure: Errno?
 }
 
 /// One open() of a regular file through the mount: its backing descriptor and its
