@@ -70,7 +70,7 @@ public final class CommitEngine: Sendable {
 
   /// Makes the handle for an open of a regular file; `fd` becomes the handle's
   /// (closed with it, or here on failure).
-  public func open(fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState) throws(Errno)
+  public func open(fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState, pid: Int32 = 0) throws(Errno)
     -> OpenFile
   {
     let acc = flags & O_ACCMODE
@@ -88,8 +88,9 @@ public final class CommitEngine: Sendable {
     }
     let handle = OpenFile(
       fd: fd, inode: inode, nodeID: nodeID, writable: writable, append: append, file: file,
-      readSnapshot: writable ? nil : snap)
+      readSnapshot: writable ? nil : snap, pid: pid)
     if writable {
+      file.writers.withLock { $0[ObjectIdentifier(handle)] = (pid, handle) }
       handle.state.withLock { s in
         s.snapshot = snap
         if truncate || append { s.buffer = Blob(store: spill) }
@@ -131,6 +132,11 @@ public final class CommitEngine: Sendable {
       if h.append { return (s.snapshot?.size ?? 0) + (s.buffer?.size ?? 0) }
       return (s.buffer ?? s.snapshot)?.size ?? 0
     }
+  }
+
+  /// Whether a handle holds content not yet committed (written, or an O_TRUNC pending).
+  public func hasPendingContent(_ h: OpenFile) -> Bool {
+    h.state.withLock { $0.dirty || $0.truncationPending }
   }
 
   /// fallocate(2) on a handle: mode 0 extends the buffer; KEEP_SIZE alone changes nothing
@@ -249,6 +255,7 @@ public final class CommitEngine: Sendable {
   public func release(_ h: OpenFile) -> Bool {
     defer { stats.openHandles.subtract(1, ordering: .relaxed) }
     guard h.writable else { return false }
+    _ = h.file.writers.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
     return h.state.withLock { s -> Bool in
       defer { clearPending(h, &s) }
       if s.dirty || s.truncationPending {

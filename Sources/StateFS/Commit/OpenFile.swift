@@ -10,7 +10,15 @@ public final class FileState: Sendable {
   /// written yet: their truncation is still to be published.
   let pendingTruncations = Atomic<Int>(0)
 
+  /// Writable handles open on the file, by the process (thread) id that opened them.
+  let writers = Mutex<[ObjectIdentifier: (pid: Int32, handle: OpenFile)]>([:])
+
   public init() {}
+
+  /// A writable handle that `pid` opened, for showing that process its own size.
+  func writer(openedBy pid: Int32) -> OpenFile? {
+    writers.withLock { w in w.values.first { $0.pid == pid }?.handle }
+  }
 
   /// Waits up to `timeout` seconds for pending truncations to be written or released,
   /// so an open right after `: > f` sees the empty file.
@@ -54,14 +62,17 @@ public final class OpenFile: Sendable {
   public let writable: Bool
   public let append: Bool
   public let file: FileState
+  /// The process (thread) id that opened the handle.
+  public let pid: Int32
   /// A read-only handle's version, fixed for its whole life (read without locking).
   let readSnapshot: Blob?
   let state: Mutex<OpenFileState>
 
   init(
     fd: Int32, inode: UInt64, nodeID: UInt64, writable: Bool, append: Bool, file: FileState,
-    readSnapshot: Blob?
+    readSnapshot: Blob?, pid: Int32
   ) {
+    self.pid = pid
     self.readSnapshot = readSnapshot
     self.fd = fd
     self.inode = inode

@@ -45,7 +45,7 @@ func makeOperations() -> fuse_lowlevel_ops {
     for i in 0..<count { f.forget(UInt64(forgets![i].ino), forgets![i].nlookup) }
     Request(req!).none()
   }
-  ops.getattr = { req, ino, _ in fs(req).getattr(Request(req!), UInt64(ino)) }
+  ops.getattr = { req, ino, fi in fs(req).getattr(Request(req!), UInt64(ino), fi) }
   ops.setattr = { req, ino, attr, toSet, fi in fs(req).setattr(Request(req!), UInt64(ino), attr!, toSet, fi) }
   ops.readlink = { req, ino in fs(req).readlink(Request(req!), UInt64(ino)) }
   ops.mknod = { req, parent, name, mode, rdev in fs(req).mknod(Request(req!), UInt64(parent), name!, mode, rdev) }

@@ -27,10 +27,18 @@ extension FileSystem {
     table.forget(ino, count)
   }
 
-  func getattr(_ req: consuming Request, _ ino: UInt64) {
+  func getattr(_ req: consuming Request, _ ino: UInt64, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     guard let n = table.node(ino) else { return req.reply(.noEntry) }
     do {
-      req.attr(try Sys.fstat(n.fd), timeout: options.cacheTimeout)
+      var st = try Sys.fstat(n.fd)
+      // A process that is writing the file sees its own handle's size, as with a local
+      // file; every other process keeps seeing the committed version.
+      let writer = fi.flatMap { openFile($0.pointee.fh) } ?? (n.isRegular ? n.file.writer(openedBy: req.pid) : nil)
+      if let h = writer, h.writable, engine.hasPendingContent(h) {
+        st.st_size = off_t(engine.viewSize(h))
+        return req.attr(st, timeout: 0)
+      }
+      req.attr(st, timeout: options.cacheTimeout)
     } catch {
       req.reply(error)
     }

@@ -31,7 +31,7 @@ extension FileSystem {
     if options.readOnly && (acc != O_RDONLY || flags & O_TRUNC != 0) { return req.reply(.readOnly) }
     do {
       let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR)
-      let h = try engine.open(fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file)
+      let h = try engine.open(fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid)
       publish(h, fi)
       req.open(fi)
     } catch {
@@ -49,6 +49,7 @@ extension FileSystem {
     let flags = fi.pointee.flags
     let uid = req.uid
     let gid = req.gid
+    let pid = req.pid
     do {
       let (fd, created) = try openOrCreate(p.fd, name, mode: mode, exclusive: flags & O_EXCL != 0)
       if created {
@@ -71,7 +72,7 @@ extension FileSystem {
       let node = table.lookup(fd: pathFd, st: st)
       let h: OpenFile
       do {
-        h = try engine.open(fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file)
+        h = try engine.open(fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file, pid: pid)
       } catch {
         table.forget(node.id, 1)
         throw error
