@@ -16,6 +16,7 @@ import pytest
 STATEFS = os.environ.get("STATEFS_BIN", "/usr/local/bin/statefs")
 STATUS_XATTR = "user.statefs.status"
 _started_pids = set()
+_session_workdirs = set()
 
 
 def run(cmd, timeout=60, check=False, **kw):
@@ -115,6 +116,7 @@ class Mount:
 @pytest.fixture
 def workdir():
     d = tempfile.mkdtemp(prefix="statefs-test-")
+    _session_workdirs.add(d)
     yield d
     for mp, fstype in mount_table():
         if mp.startswith(d):
@@ -155,7 +157,11 @@ def pytest_sessionfinish(session, exitstatus):
     left = [p for p in _started_pids if pid_alive(p)]
     for p in left:
         os.kill(p, signal.SIGKILL)
-    stale = [mp for mp, t in mount_table() if t == "fuse.statefs" and "statefs-test-" in mp]
+    # Only this session's mounts: other sessions may be running tests at the same time.
+    stale = [
+        mp for mp, t in mount_table()
+        if t == "fuse.statefs" and any(mp.startswith(d + "/") for d in _session_workdirs)
+    ]
     for mp in stale:
         run(["fusermount3", "-uz", mp], timeout=30)
     if left or stale:

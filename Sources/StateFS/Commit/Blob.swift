@@ -48,11 +48,23 @@ final class Blob: @unchecked Sendable {
   private var capacity: Int = 0
   /// The spill file descriptor once the content left RAM.
   private(set) var fd: Int32 = -1
+  /// The descriptor is the backing file itself, held under LOCK_SH (not ours to close).
+  private var borrowed = false
   private let store: SpillStore
 
   init(store: SpillStore) { self.store = store }
 
+  /// A version read in place from the backing file, whose LOCK_SH the owner keeps
+  /// until it closes `fd` (used when there is no room for a copy).
+  init(lockedFile fd: Int32, size: Int64, store: SpillStore) {
+    self.store = store
+    self.fd = fd
+    self.size = size
+    self.borrowed = true
+  }
+
   deinit {
+    if borrowed { return }
     if let mem {
       mem.deallocate()
       store.stats.memoryBytes.subtract(Int64(capacity), ordering: .relaxed)

@@ -56,12 +56,26 @@ public final class CommitEngine: Sendable {
   func unlock(_ fd: Int32) { Sys.unlock(fd) }
 
   /// Captures the committed version of the file open as `fd`, under LOCK_SH.
-  func snapshot(of fd: Int32) throws(Errno) -> Blob {
+  /// With `holdIfNoSpace`, a version too large for RAM when the disk has no room for
+  /// a copy is read in place instead, and LOCK_SH stays held until `fd` is closed
+  /// (writers wait for that reader rather than the read failing).
+  func snapshot(of fd: Int32, holdIfNoSpace: Bool = false) throws(Errno) -> Blob {
     try lock(fd, LOCK_SH)
-    defer { unlock(fd) }
+    var keepLock = false
+    defer { if !keepLock { unlock(fd) } }
     let st = try Sys.fstat(fd)
     let blob = Blob(store: spill)
-    try blob.fill(from: fd, count: Int64(st.st_size))
+    do {
+      try blob.fill(from: fd, count: Int64(st.st_size))
+    } catch {
+      guard holdIfNoSpace && (error.rawValue == ENOSPC || error.rawValue == EDQUOT) else { throw error }
+      keepLock = true
+      logger.warning(
+        "no space for a snapshot copy: reading in place under a held shared lock",
+        metadata: ["path": "\(describe(fd))", "bytes": "\(st.st_size)"])
+      stats.snapshots.add(1, ordering: .relaxed)
+      return Blob(lockedFile: fd, size: Int64(st.st_size), store: spill)
+    }
     stats.snapshots.add(1, ordering: .relaxed)
     return blob
   }
@@ -81,7 +95,7 @@ public final class CommitEngine: Sendable {
     if !truncate { file.waitForPendingTruncations(timeout: options.truncationWait) }
     var snap: Blob? = nil
     if !truncate && (!append || acc == O_RDWR) {
-      do { snap = try snapshot(of: fd) } catch {
+      do { snap = try snapshot(of: fd, holdIfNoSpace: !writable) } catch {
         Sys.close(fd)
         throw error
       }

@@ -130,6 +130,12 @@ public final class Journal: Sendable {
     var ts = timespec()
     clock_gettime(CLOCK_REALTIME, &ts)
     self.instance = "\(getpid())-\(ts.tv_sec)\(ts.tv_nsec)"
+    // One slot made and given 256 KiB of disk up front: small commits then need no new
+    // space, so rewriting a state file in place still works on a full disk.
+    if enabled, let slot = try? acquire() {
+      try? Sys.fallocate(slot.fd, statefs_FALLOC_FL_KEEP_SIZE, 0, 256 << 10)
+      release(slot)
+    }
   }
 
   deinit {
@@ -159,6 +165,8 @@ public final class Journal: Sendable {
     -> JournalSlot?
   {
     guard enabled else { return nil }
+    // Emptying a file is one ftruncate, which a crash cannot tear.
+    if kind == .replace && content.size == 0 { return nil }
     let slot = try acquire()
     do throws(Errno) {
       var handle = [UInt8](repeating: 0, count: 128)
