@@ -35,7 +35,10 @@ struct StateFSCommand: ParsableCommand {
     } catch let e as StartError {
       fail(e.description, code: e.code)
     } catch {
-      exit(withError: error)
+      // --help and --version are "errors" that exit 0 with their text.
+      if exitCode(for: error) == .success { exit(withError: error) }
+      let text = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+      fail(text + " (see `statefs --help`)", code: 2)
     }
   }
 }

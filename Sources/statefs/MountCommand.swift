@@ -131,6 +131,11 @@ struct Mount: ParsableCommand {
     if access("/dev/fuse", R_OK | W_OK) != 0 {
       throw StartError("cannot use /dev/fuse: \(describeErrno(errno)) (install fuse3 and load the fuse module)")
     }
+    var dev = stat()
+    // The FUSE device is character device 10:229.
+    if stat("/dev/fuse", &dev) != 0 || (dev.st_mode & S_IFMT) != S_IFCHR || dev.st_rdev != (10 << 8 | 229) {
+      throw StartError("/dev/fuse is not the FUSE device (expected character device 10:229)")
+    }
     if !opts.readOnly && access(src, W_OK) != 0 {
       throw StartError("source \(src) is not writable: \(describeErrno(errno)) (mount with -o ro to serve it read-only)")
     }
@@ -312,6 +317,7 @@ struct Mount: ParsableCommand {
     let r = session.run(maxThreads: opts.threads)
     engine.shutdown()
     logger.info("unmounted", metadata: ["mountpoint": "\(plan.mountpoint)"])
-    Glibc.exit(r == 0 ? 0 : 1)
+    // The loop returns the signal number when SIGTERM/SIGINT/SIGHUP ended it: a clean stop.
+    Glibc.exit(r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP ? 0 : 1)
   }
 }

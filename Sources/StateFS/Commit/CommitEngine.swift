@@ -103,8 +103,8 @@ public final class CommitEngine: Sendable {
     let handle = OpenFile(
       fd: fd, inode: inode, nodeID: nodeID, writable: writable, append: append, file: file,
       readSnapshot: writable ? nil : snap, pid: pid)
+    if pid != 0 { file.views.withLock { $0[ObjectIdentifier(handle)] = (pid, handle) } }
     if writable {
-      file.writers.withLock { $0[ObjectIdentifier(handle)] = (pid, handle) }
       handle.state.withLock { s in
         s.snapshot = snap
         if truncate || append { s.buffer = Blob(store: spill) }
@@ -183,7 +183,9 @@ public final class CommitEngine: Sendable {
   }
 
   /// Buffers a write; nothing reaches the backing file until a commit.
-  public func write(_ h: OpenFile, bytes: UnsafeRawPointer, count: Int, offset: Int64) throws(Errno) {
+  public func write(_ h: OpenFile, bytes: UnsafeRawPointer, count: Int, offset: Int64, owner: UInt64 = 0)
+    throws(Errno)
+  {
     guard h.writable else { throw Errno.badFile }
     try h.state.withLock { (s: inout OpenFileState) throws(Errno) in
       if s.buffer == nil {
@@ -197,6 +199,7 @@ public final class CommitEngine: Sendable {
         try s.buffer!.write(bytes, count: count, offset: offset)
       }
       s.dirty = true
+      if !s.writerOwners.contains(owner) { s.writerOwners.append(owner) }
       clearPending(h, &s)
     }
   }
@@ -216,6 +219,8 @@ public final class CommitEngine: Sendable {
       }
       try s.buffer!.truncate(size)
       s.dirty = true
+      // ftruncate carries no lock owner: the next close() by anyone commits it.
+      if !s.writerOwners.contains(0) { s.writerOwners.append(0) }
       clearPending(h, &s)
     }
   }
@@ -237,10 +242,16 @@ public final class CommitEngine: Sendable {
 
   /// What a close() (FLUSH) does: commit if the handle wrote since its last commit.
   /// Returns true when a commit happened (the caller invalidates the kernel's caches).
-  public func flush(_ h: OpenFile) throws(Errno) -> Bool {
+  /// `owner` is the closing process's lock owner (0 if unknown).
+  public func flush(_ h: OpenFile, owner: UInt64 = 0) throws(Errno) -> Bool {
     guard h.writable else { return false }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
-      if s.dirty { return try commitLocked(h, &s, sync: false) }
+      if s.dirty {
+        // A process that did not write (say a child closing its inherited copy at exec)
+        // is not the writer finishing: publishing now would show half-written content.
+        if owner != 0 && !s.writerOwners.contains(0) && !s.writerOwners.contains(owner) { return false }
+        return try commitLocked(h, &s, sync: false)
+      }
       if s.truncationPending && !s.countedPending {
         // Maybe `echo x > f`'s dup2 close, with the write still to come: publish at
         // release, and let other opens wait for it meanwhile.
@@ -268,8 +279,8 @@ public final class CommitEngine: Sendable {
   /// The last close: commit whatever is still pending (errors can only be logged).
   public func release(_ h: OpenFile) -> Bool {
     defer { stats.openHandles.subtract(1, ordering: .relaxed) }
+    _ = h.file.views.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
     guard h.writable else { return false }
-    _ = h.file.writers.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
     return h.state.withLock { s -> Bool in
       defer { clearPending(h, &s) }
       if s.dirty || s.truncationPending {
@@ -282,6 +293,7 @@ public final class CommitEngine: Sendable {
   private func commitLocked(_ h: OpenFile, _ s: inout OpenFileState, sync: Bool) throws(Errno) -> Bool {
     let content = s.buffer ?? Blob(store: spill)
     s.dirty = false
+    s.writerOwners.removeAll()
     s.truncationPending = false
     clearPending(h, &s)
     do {

@@ -10,14 +10,17 @@ public final class FileState: Sendable {
   /// written yet: their truncation is still to be published.
   let pendingTruncations = Atomic<Int>(0)
 
-  /// Writable handles open on the file, by the process (thread) id that opened them.
-  let writers = Mutex<[ObjectIdentifier: (pid: Int32, handle: OpenFile)]>([:])
+  /// Handles open on the file, with the process (thread) id that opened each.
+  let views = Mutex<[ObjectIdentifier: (pid: Int32, handle: OpenFile)]>([:])
 
   public init() {}
 
-  /// A writable handle that `pid` opened, for showing that process its own size.
-  func writer(openedBy pid: Int32) -> OpenFile? {
-    writers.withLock { w in w.values.first { $0.pid == pid }?.handle }
+  /// A handle that `pid` opened (a writable one first), for showing that process its own size.
+  public func handle(openedBy pid: Int32) -> OpenFile? {
+    views.withLock { v in
+      let mine = v.values.filter { $0.pid == pid }.map(\.handle)
+      return mine.first { $0.writable } ?? mine.first
+    }
   }
 
   /// Waits up to `timeout` seconds for pending truncations to be written or released,
@@ -42,6 +45,9 @@ struct OpenFileState: ~Copyable {
   var buffer: Blob?
   /// Written since the last commit.
   var dirty = false
+  /// The lock owners (one per process's file table) that wrote since the last commit;
+  /// a close() by any other process (a child inheriting the descriptor) commits nothing.
+  var writerOwners: [UInt64] = []
   /// Opened with O_TRUNC and the truncation not yet committed.
   var truncationPending = false
   /// Counted in `FileState.pendingTruncations`.

@@ -31,12 +31,15 @@ extension FileSystem {
     guard let n = table.node(ino) else { return req.reply(.noEntry) }
     do {
       var st = try Sys.fstat(n.fd)
-      // A process that is writing the file sees its own handle's size, as with a local
-      // file; every other process keeps seeing the committed version.
-      let writer = fi.flatMap { openFile($0.pointee.fh) } ?? (n.isRegular ? n.file.writer(openedBy: req.pid) : nil)
-      if let h = writer, h.writable, engine.hasPendingContent(h) {
-        st.st_size = off_t(engine.viewSize(h))
-        return req.attr(st, timeout: 0)
+      // A process with the file open sees the size of its own handle's version (what it
+      // reads, where SEEK_END goes); every other process sees the committed version.
+      let mine = fi.flatMap { openFile($0.pointee.fh) } ?? (n.isRegular ? n.file.handle(openedBy: req.pid) : nil)
+      if let h = mine {
+        let size = engine.viewSize(h)
+        if size != Int64(st.st_size) {
+          st.st_size = off_t(size)
+          return req.attr(st, timeout: 0)
+        }
       }
       req.attr(st, timeout: options.cacheTimeout)
     } catch {

@@ -30,7 +30,14 @@ extension FileSystem {
     let acc = flags & O_ACCMODE
     if options.readOnly && (acc != O_RDONLY || flags & O_TRUNC != 0) { return req.reply(.readOnly) }
     do {
-      let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR)
+      if acc == O_RDONLY && flags & O_TRUNC != 0 {
+        // Linux empties a file opened O_RDONLY|O_TRUNC: commit that at once.
+        let wfd = try Sys.reopen(n.fd, O_WRONLY)
+        defer { Sys.close(wfd) }
+        try engine.truncateFile(fd: wfd, size: 0)
+      }
+      // O_NOATIME: capturing a writer's base version is not an access by the program.
+      let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR | statefs_O_NOATIME)
       let h = try engine.open(fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid)
       publish(h, fi)
       req.open(fi)
@@ -94,7 +101,7 @@ extension FileSystem {
     } catch {
       if error.rawValue != EEXIST || exclusive { throw error }
     }
-    return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW), false)
+    return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW | statefs_O_NOATIME), false)
   }
 
   func read(_ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>) {
@@ -124,7 +131,7 @@ extension FileSystem {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     if off < 0 { return req.reply(.invalid) }
     do {
-      try engine.write(h, bytes: UnsafeRawPointer(buf), count: size, offset: off)
+      try engine.write(h, bytes: UnsafeRawPointer(buf), count: size, offset: off, owner: fi.pointee.lock_owner)
       req.written(size)
     } catch {
       req.reply(error)
@@ -135,7 +142,7 @@ extension FileSystem {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     do {
       // Invalidate before answering: `stat` right after close() must see the commit.
-      if try engine.flush(h) { invalidate(h.nodeID) }
+      if try engine.flush(h, owner: fi.pointee.lock_owner) { invalidate(h.nodeID) }
       req.ok()
     } catch {
       req.reply(error)
