@@ -126,6 +126,19 @@ struct CommitEngineTests {
     #expect(try s.get("f") == "RUNNING\n")
   }
 
+  @Test func closeByAProcessThatDidNotWriteCommitsNothing() throws {
+    let s = try Scratch()
+    try s.put("f", "INITIALIZING")
+    let w = try s.handle("f", O_RDWR)
+    let bytes = Array("RUNNING".utf8)
+    try bytes.withUnsafeBytes { p in try s.engine.write(w, bytes: p.baseAddress!, count: p.count, offset: 0, owner: 7) }
+    #expect(try s.engine.flush(w, owner: 9) == false, "a child closing its inherited copy is not the writer")
+    #expect(try s.get("f") == "INITIALIZING")
+    try s.engine.truncate(w, size: 7)
+    #expect(try s.engine.flush(w, owner: 7))
+    #expect(try s.get("f") == "RUNNING")
+  }
+
   @Test func appendsLandAtTheCurrentEndAsOneUnit() throws {
     let s = try Scratch()
     try s.put("log", "a\n")
@@ -203,11 +216,13 @@ struct CommitEngineTests {
     try text.withUnsafeBytes { p in try content.write(p.baseAddress!, count: p.count, offset: 0) }
     // A record begun but never retired, as a daemon killed mid-commit leaves it.
     let journal = Journal(dirFd: s.privFd, durable: false)
-    _ = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    let slot = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
     try "torn-tail-of-old".write(toFile: s.dir + "/f", atomically: false, encoding: .utf8)
+    // The daemon dies: its slot descriptor (and lock) goes.
+    close(slot!.fd)
     let names = try FileManager.default.contentsOfDirectory(atPath: s.dir + "/.statefs")
     #expect(names.contains { $0.hasPrefix("journal-") })
-    let report = try recoverInChild(s)
+    let report = try recover(s)
     #expect(report == 1)
     #expect(try s.get("f") == "the new version")
   }
@@ -221,11 +236,12 @@ struct CommitEngineTests {
     let text = Array(String(repeating: "x", count: 10000).utf8)
     try text.withUnsafeBytes { p in try content.write(p.baseAddress!, count: p.count, offset: 0) }
     let journal = Journal(dirFd: s.privFd, durable: false)
-    _ = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    let slot = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    close(slot!.fd)
     // Cut the record's content short, as a kill during the journal write would.
-    let name = try FileManager.default.contentsOfDirectory(atPath: s.dir + "/.statefs").first { $0.hasPrefix("journal-") }!
+    let name = "journal-\(journal.instance)-\(slot!.index)"
     #expect(truncate(s.dir + "/.statefs/" + name, 256 + 5000) == 0)
-    #expect(try recoverInChild(s) == 0)
+    #expect(try recover(s) == 0)
     #expect(try s.get("f") == "previous")
   }
 
@@ -241,20 +257,8 @@ struct CommitEngineTests {
   }
 }
 
-/// Runs recovery as a new daemon would after this one died: first the journal's
-/// descriptors (and so its slot locks) go, as they do with a killed process.
-func recoverInChild(_ s: Scratch) throws -> Int {
-  // flock locks belong to open file descriptions: a recovery in this process opens the
-  // journal files anew, and those new descriptions conflict with the live slot's lock.
-  // Closing every descriptor the journal holds is what a dying daemon does.
-  for fd in 3..<1024 {
-    var buf = [CChar](repeating: 0, count: 512)
-    let n = readlink("/proc/self/fd/\(fd)", &buf, 511)
-    if n > 0 {
-      let path = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-      if path.contains(s.dir + "/.statefs/journal-") { close(Int32(fd)) }
-    }
-  }
+/// Runs recovery as a new daemon would after this one died.
+func recover(_ s: Scratch) throws -> Int {
   let r = try Recovery.run(sourceFd: s.rootFd, privateDirFd: s.privFd, durable: false, logger: Logger(label: "test"))
   return r.rolledForward
 }
