@@ -262,6 +262,7 @@ static void run_ops(const char *wl, OpFn fn) {
   uint64_t i = 0;
   uint64_t wend = now_ns() + 50000000ull;
   for (int k = 0; k < 4 * nfiles && now_ns() < wend; k++) fn(i++, buf);
+  uint64_t warmup = i;
   shortReads = 0;
   uint64_t ops = 0;
   uint64_t start = now_ns();
@@ -276,8 +277,8 @@ static void run_ops(const char *wl, OpFn fn) {
     if (!samples_add(&s, t1 - t0)) break;
   }
   double elapsed = (double)(t1 - start) / 1e9;
-  char extra[128] = "";
-  if (fn == op_r4k) snprintf(extra, sizeof extra, "\"short_reads\":%" PRIu64, shortReads);
+  char extra[128];
+  snprintf(extra, sizeof extra, "\"warmup_ops\":%" PRIu64 ",\"short_reads\":%" PRIu64, warmup, shortReads);
   print_result(wl, ops, elapsed, &s, extra);
 }
 

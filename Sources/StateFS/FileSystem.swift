@@ -35,7 +35,9 @@ public final class FileSystem: Sendable {
   private let sessionBits = Atomic<UInt>(0)
 
   /// `rootFd`: `O_PATH` descriptor of the source directory (the table owns it).
-  public init(rootFd: Int32, engine: CommitEngine, stats: Stats, options: FileSystemOptions, logger: Logger)
+  public init(
+    rootFd: Int32, engine: CommitEngine, stats: Stats, options: FileSystemOptions, logger: Logger
+  )
     throws(Errno)
   {
     self.table = try InodeTable(rootFd: rootFd)
@@ -48,7 +50,8 @@ public final class FileSystem: Sendable {
 
   /// Remembers the session so commits can invalidate the kernel's caches.
   func attach(session: OpaquePointer) {
-    sessionBits.store(UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(session))), ordering: .releasing)
+    sessionBits.store(
+      UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(session))), ordering: .releasing)
   }
 
   /// Drops the kernel's cached attributes and data of a node after a commit.
@@ -89,7 +92,9 @@ public final class FileSystem: Sendable {
 
   /// Gives a new inode the caller's ownership (the daemon creates everything as root),
   /// with the group of a setgid parent as a local filesystem would.
-  func chownToCaller(_ parent: Node, _ name: UnsafePointer<CChar>, uid: uid_t, gid: gid_t) throws(Errno) {
+  func chownToCaller(_ parent: Node, _ name: UnsafePointer<CChar>, uid: uid_t, gid: gid_t)
+    throws(Errno)
+  {
     if uid == 0 && gid == 0 { return }
     let pst = try Sys.fstat(parent.fd)
     let group = (pst.st_mode & S_ISGID) != 0 ? pst.st_gid : gid
@@ -132,7 +137,9 @@ func jsonString(_ s: String) -> String {
     case "\t": out += "\\t"
     default:
       if u.value < 0x20 {
-        out += "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count) + String(u.value, radix: 16)
+        out +=
+          "\\u" + String(repeating: "0", count: 4 - String(u.value, radix: 16).count)
+          + String(u.value, radix: 16)
       } else {
         out.unicodeScalars.append(u)
       }

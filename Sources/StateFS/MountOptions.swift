@@ -12,6 +12,7 @@ public struct MountOptions: Sendable, Equatable {
   public var durable = false
   public var journal = true
   public var spillThreshold: Int64 = 4 << 20
+  public var memoryLimit: Int64 = 64 << 20
   public var logPath: String?
   public var logLevel: String?
   public var threads = 64
@@ -20,12 +21,16 @@ public struct MountOptions: Sendable, Equatable {
 
   /// FUSE and kernel mount options passed through as they are.
   static let passThrough: Set<String> = [
-    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "nosuid", "suid",
-    "nodev", "dev", "noexec", "exec", "noatime", "atime", "nodiratime", "diratime", "relatime", "norelatime",
+    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "nosuid",
+    "suid",
+    "nodev", "dev", "noexec", "exec", "noatime", "atime", "nodiratime", "diratime", "relatime",
+    "norelatime",
     "strictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
   ]
   /// Options that belong to mount(8) or fstab, not to the filesystem.
-  static let mountOnly: Set<String> = ["nofail", "_netdev", "auto", "noauto", "user", "users", "defaults", "owner", "group", "nouser"]
+  static let mountOnly: Set<String> = [
+    "nofail", "_netdev", "auto", "noauto", "user", "users", "defaults", "owner", "group", "nouser",
+  ]
 
   public init() {}
 
@@ -39,7 +44,9 @@ public struct MountOptions: Sendable, Equatable {
         let key = parts[0]
         let value = parts.count > 1 ? parts[1] : nil
         func need() throws(UsageError) -> String {
-          guard let v = value, !v.isEmpty else { throw UsageError("mount option '\(key)' needs a value (\(key)=...)") }
+          guard let v = value, !v.isEmpty else {
+            throw UsageError("mount option '\(key)' needs a value (\(key)=...)")
+          }
           return v
         }
         if passThrough.contains(key) && value == nil {
@@ -59,21 +66,27 @@ public struct MountOptions: Sendable, Equatable {
         case "durable": o.durable = true
         case "nodurable": o.durable = false
         case "spill_threshold": o.spillThreshold = try parseSize(try need(), key: key)
+        case "memory_limit": o.memoryLimit = try parseSize(try need(), key: key)
         case "log": o.logPath = try need()
         case "log_level":
           let v = try need()
-          guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(v) else {
-            throw UsageError("mount option log_level=\(v): expected trace, debug, info, notice, warning, error or critical")
+          guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(v)
+          else {
+            throw UsageError(
+              "mount option log_level=\(v): expected trace, debug, info, notice, warning, error or critical"
+            )
           }
           o.logLevel = v
         case "threads":
           guard let n = Int(try need()), n >= 1, n <= 1024 else {
-            throw UsageError("mount option threads=\(value ?? ""): expected a number from 1 to 1024")
+            throw UsageError(
+              "mount option threads=\(value ?? ""): expected a number from 1 to 1024")
           }
           o.threads = n
         case "cache_timeout":
           guard let t = Double(try need()), t >= 0, t <= 3600 else {
-            throw UsageError("mount option cache_timeout=\(value ?? ""): expected seconds from 0 to 3600")
+            throw UsageError(
+              "mount option cache_timeout=\(value ?? ""): expected seconds from 0 to 3600")
           }
           o.cacheTimeout = t
         case "statefs_test_no_journal": o.journal = false
@@ -105,6 +118,7 @@ public struct MountOptions: Sendable, Equatable {
     if readOnly { items.append("ro") }
     if durable { items.append("durable") }
     if spillThreshold != 4 << 20 { items.append("spill_threshold=\(spillThreshold)") }
+    if memoryLimit != 64 << 20 { items.append("memory_limit=\(memoryLimit)") }
     if !journal { items.append("statefs_test_no_journal") }
     return items.joined(separator: ",")
   }

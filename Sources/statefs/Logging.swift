@@ -36,7 +36,10 @@ struct FileLogHandler: LogHandler {
       "\(tm.tm_year + 1900)-\(pad(tm.tm_mon + 1))-\(pad(tm.tm_mday))T\(pad(tm.tm_hour)):\(pad(tm.tm_min)):\(pad(tm.tm_sec))Z"
     var all = metadata
     if let extra { all.merge(extra) { $1 } }
-    let meta = all.isEmpty ? "" : " " + all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+    let meta =
+      all.isEmpty
+      ? ""
+      : " " + all.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
     let text = "\(stamp) \(level) \(label)[\(getpid())]: \(message)\(meta)\n"
     _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
   }

@@ -37,7 +37,8 @@ struct StateFSCommand: ParsableCommand {
     } catch {
       // --help and --version are "errors" that exit 0 with their text.
       if exitCode(for: error) == .success { exit(withError: error) }
-      let text = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+      let text =
+        message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
       fail(text + " (see `statefs --help`)", code: 2)
     }
   }
@@ -49,7 +50,9 @@ let statefsVersion = "0.1.0"
 /// Turns mount.fuse3's `statefs SOURCE MOUNTPOINT -o OPTS` into `statefs mount`.
 func rewriteMountHelperForm(_ args: [String]) -> [String] {
   let subcommands: Set<String> = ["mount", "unmount", "status", "recover", "help"]
-  guard let first = args.first, !first.hasPrefix("-"), !subcommands.contains(first) else { return args }
+  guard let first = args.first, !first.hasPrefix("-"), !subcommands.contains(first) else {
+    return args
+  }
   var positional: [String] = []
   var rest: [String] = []
   var i = 0

@@ -35,6 +35,7 @@ struct Mount: ParsableCommand {
         auto_unmount       unmount when the daemon dies
         durable            commits reach stable storage before close() returns
         spill_threshold=N  buffers and snapshots above N spill to disk (4M)
+        memory_limit=N     RAM for all buffers and snapshots together (64M)
         log=PATH           log file of the background daemon
         log_level=LEVEL    trace, debug, info, notice, warning, error, critical
         threads=N          FUSE worker threads (64)
@@ -90,7 +91,9 @@ struct Mount: ParsableCommand {
       if e == ENOTCONN {
         // A killed daemon's mount: clear it, then mount afresh.
         guard clearDeadMount(mp) else {
-          throw StartError("mountpoint \(mountpoint) is a dead FUSE mount that could not be cleared (try fusermount -uz)")
+          throw StartError(
+            "mountpoint \(mountpoint) is a dead FUSE mount that could not be cleared (try fusermount -uz)"
+          )
         }
         if stat(mp, &st) != 0 {
           throw StartError("mountpoint \(mountpoint): \(describeErrno(errno))")
@@ -105,11 +108,15 @@ struct Mount: ParsableCommand {
       throw StartError("mountpoint \(mountpoint) is not a directory")
     }
     mp = resolvePath(mp) ?? mp
-    if let live = readMountTable().last(where: { $0.mountpoint == mp }), live.fstype == "fuse.statefs" {
+    if let live = readMountTable().last(where: { $0.mountpoint == mp }),
+      live.fstype == "fuse.statefs"
+    {
       // statfs always reaches the daemon (stat may be answered from the kernel's cache).
       if statefs_fs_type(mp) < 0 && errno == ENOTCONN {
         guard clearDeadMount(mp) else {
-          throw StartError("mountpoint \(mountpoint) is a dead FUSE mount that could not be cleared (try fusermount -uz)")
+          throw StartError(
+            "mountpoint \(mountpoint) is a dead FUSE mount that could not be cleared (try fusermount -uz)"
+          )
         }
       } else {
         throw StartError("\(mp) is already a statefs mount (of \(live.source)); unmount it first")
@@ -120,24 +127,32 @@ struct Mount: ParsableCommand {
       var sst = stat()
       if stat(s, &sst) != 0 {
         let e = errno
-        throw StartError(e == ENOENT ? "source \(s) does not exist" : "source \(s): \(describeErrno(e))")
+        throw StartError(
+          e == ENOENT ? "source \(s) does not exist" : "source \(s): \(describeErrno(e))")
       }
-      guard (sst.st_mode & S_IFMT) == S_IFDIR else { throw StartError("source \(s) is not a directory") }
+      guard (sst.st_mode & S_IFMT) == S_IFDIR else {
+        throw StartError("source \(s) is not a directory")
+      }
       src = resolvePath(s) ?? absolutePath(s)
     }
     let probe = open(src, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if probe < 0 { throw StartError("source \(src) cannot be read: \(describeErrno(errno))") }
     close(probe)
     if access("/dev/fuse", R_OK | W_OK) != 0 {
-      throw StartError("cannot use /dev/fuse: \(describeErrno(errno)) (install fuse3 and load the fuse module)")
+      throw StartError(
+        "cannot use /dev/fuse: \(describeErrno(errno)) (install fuse3 and load the fuse module)")
     }
     var dev = stat()
     // The FUSE device is character device 10:229.
-    if stat("/dev/fuse", &dev) != 0 || (dev.st_mode & S_IFMT) != S_IFCHR || dev.st_rdev != (10 << 8 | 229) {
+    if stat("/dev/fuse", &dev) != 0 || (dev.st_mode & S_IFMT) != S_IFCHR
+      || dev.st_rdev != (10 << 8 | 229)
+    {
       throw StartError("/dev/fuse is not the FUSE device (expected character device 10:229)")
     }
     if !opts.readOnly && access(src, W_OK) != 0 {
-      throw StartError("source \(src) is not writable: \(describeErrno(errno)) (mount with -o ro to serve it read-only)")
+      throw StartError(
+        "source \(src) is not writable: \(describeErrno(errno)) (mount with -o ro to serve it read-only)"
+      )
     }
     return Plan(mountpoint: mp, source: src)
   }
@@ -147,7 +162,10 @@ struct Mount: ParsableCommand {
   func spawnDaemon(_ plan: Plan, _ opts: MountOptions) throws {
     var fds: [Int32] = [0, 0]
     guard statefs_pipe_cloexec(&fds) == 0 else { throw StartError("pipe: \(describeErrno(errno))") }
-    var args = ["statefs", "mount", plan.mountpoint, "--source", plan.source, "--foreground", "--ready-fd", "3"]
+    var args = [
+      "statefs", "mount", plan.mountpoint, "--source", plan.source, "--foreground", "--ready-fd",
+      "3",
+    ]
     for o in options { args += ["-o", o] }
     if let l = logLevel { args += ["--log-level", l] }
 
@@ -157,7 +175,8 @@ struct Mount: ParsableCommand {
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
     posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
     if let log = opts.logPath {
-      posix_spawn_file_actions_addopen(&actions, 2, absolutePath(log), O_WRONLY | O_APPEND | O_CREAT, 0o640)
+      posix_spawn_file_actions_addopen(
+        &actions, 2, absolutePath(log), O_WRONLY | O_APPEND | O_CREAT, 0o640)
     } else {
       posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0)
     }
@@ -172,7 +191,9 @@ struct Mount: ParsableCommand {
     var noMask = sigset_t()
     sigemptyset(&noMask)
     posix_spawnattr_setsigmask(&attr, &noMask)
-    posix_spawnattr_setflags(&attr, Int16(statefs_POSIX_SPAWN_SETSID) | Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+    posix_spawnattr_setflags(
+      &attr,
+      Int16(statefs_POSIX_SPAWN_SETSID) | Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
     let cargs = args.map { strdup($0) } + [nil]
     defer { for p in cargs { free(p) } }
     var pid: pid_t = 0
@@ -197,7 +218,8 @@ struct Mount: ParsableCommand {
     var status: Int32 = 0
     waitpid(pid, &status, 0)
     throw StartError(
-      message == nil ? "the daemon did not report within 300 s and was stopped"
+      message == nil
+        ? "the daemon did not report within 300 s and was stopped"
         : "the daemon exited during start-up (status \(status))")
   }
 
@@ -249,12 +271,16 @@ struct Mount: ParsableCommand {
       spillDirFd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
       if spillDirFd < 0 { die("cannot open \(tmp) for spill files: \(describeErrno(errno))") }
       // A read-only mount still must not serve a file a crash left mid-commit.
-      let priv = openat(rootFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+      let priv = openat(
+        rootFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
       if priv >= 0 {
         do {
-          _ = try Recovery.run(sourceFd: rootFd, privateDirFd: priv, durable: opts.durable, logger: logger, stats: stats)
+          _ = try Recovery.run(
+            sourceFd: rootFd, privateDirFd: priv, durable: opts.durable, logger: logger,
+            stats: stats)
         } catch {
-          logger.warning("journal recovery skipped on a read-only mount", metadata: ["error": "\(error)"])
+          logger.warning(
+            "journal recovery skipped on a read-only mount", metadata: ["error": "\(error)"])
         }
         close(priv)
       }
@@ -262,16 +288,21 @@ struct Mount: ParsableCommand {
       if mkdirat(rootFd, privateDirectoryName, 0o700) != 0 && errno != EEXIST {
         die("cannot create \(plan.source)/\(privateDirectoryName): \(describeErrno(errno))")
       }
-      spillDirFd = openat(rootFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
-      if spillDirFd < 0 { die("cannot open \(plan.source)/\(privateDirectoryName): \(describeErrno(errno))") }
+      spillDirFd = openat(
+        rootFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+      if spillDirFd < 0 {
+        die("cannot open \(plan.source)/\(privateDirectoryName): \(describeErrno(errno))")
+      }
       do {
         let r = try Recovery.run(
-          sourceFd: rootFd, privateDirFd: spillDirFd, durable: opts.durable, logger: logger, stats: stats)
+          sourceFd: rootFd, privateDirFd: spillDirFd, durable: opts.durable, logger: logger,
+          stats: stats)
         if r.rolledForward + r.dropped + r.orphaned > 0 {
           logger.notice(
             "journal recovery done",
             metadata: [
-              "rolled_forward": "\(r.rolledForward)", "dropped": "\(r.dropped)", "orphaned": "\(r.orphaned)",
+              "rolled_forward": "\(r.rolledForward)", "dropped": "\(r.dropped)",
+              "orphaned": "\(r.orphaned)",
             ])
         }
       } catch {
@@ -282,8 +313,11 @@ struct Mount: ParsableCommand {
     var commit = CommitOptions()
     commit.durable = opts.durable
     commit.spillThreshold = opts.spillThreshold
+    commit.memoryLimit = opts.memoryLimit
+    commit.memoryLimit = opts.memoryLimit
     commit.journal = opts.journal && !opts.readOnly
-    let engine = CommitEngine(privateDirFd: spillDirFd, options: commit, stats: stats, logger: logger)
+    let engine = CommitEngine(
+      privateDirFd: spillDirFd, options: commit, stats: stats, logger: logger)
     var fsOptions = FileSystemOptions()
     fsOptions.readOnly = opts.readOnly
     fsOptions.cacheTimeout = opts.cacheTimeout
@@ -292,7 +326,8 @@ struct Mount: ParsableCommand {
     fsOptions.optionString = opts.describe()
     let fs: FileSystem
     do {
-      fs = try FileSystem(rootFd: rootFd, engine: engine, stats: stats, options: fsOptions, logger: logger)
+      fs = try FileSystem(
+        rootFd: rootFd, engine: engine, stats: stats, options: fsOptions, logger: logger)
     } catch {
       die("source \(plan.source): \(error)")
     }
@@ -302,7 +337,9 @@ struct Mount: ParsableCommand {
       session = try FuseSession(fs: fs, mountOptions: opts.fuseOptionString(source: plan.source))
     } catch {
       let reason = FuseLog.lastMessage
-      die("invalid FUSE options '\(opts.fuseOptionString(source: plan.source))'" + (reason.isEmpty ? "" : ": " + reason), code: 2)
+      die(
+        "invalid FUSE options '\(opts.fuseOptionString(source: plan.source))'"
+          + (reason.isEmpty ? "" : ": " + reason), code: 2)
     }
     do {
       try session.mount(at: plan.mountpoint)
@@ -311,7 +348,10 @@ struct Mount: ParsableCommand {
       die("cannot mount on \(plan.mountpoint)" + (reason.isEmpty ? "" : ": " + reason))
     }
     logger.info(
-      "mounted", metadata: ["source": "\(plan.source)", "mountpoint": "\(plan.mountpoint)", "pid": "\(getpid())"])
+      "mounted",
+      metadata: [
+        "source": "\(plan.source)", "mountpoint": "\(plan.mountpoint)", "pid": "\(getpid())",
+      ])
     report("ok")
     if let fd = ready { close(fd) }
     let r = session.run(maxThreads: opts.threads)

@@ -39,7 +39,9 @@ func unescapeMountField(_ s: String) -> String {
   let u = Array(s.utf8)
   var i = 0
   while i < u.count {
-    if u[i] == 92, i + 3 < u.count, let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+    if u[i] == 92, i + 3 < u.count,
+      let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8)
+    {
       bytes.append(v)
       i += 4
     } else {
@@ -72,7 +74,8 @@ func describeErrno(_ e: Int32) -> String { String(cString: strerror(e)) }
 /// Detaches a dead FUSE mount ("Transport endpoint is not connected").
 func clearDeadMount(_ path: String) -> Bool {
   if umount2(path, Int32(MNT_DETACH)) == 0 { return true }
-  return runQuiet(["/bin/fusermount3", "-uz", path]) == 0 || runQuiet(["/usr/bin/fusermount3", "-uz", path]) == 0
+  return runQuiet(["/bin/fusermount3", "-uz", path]) == 0
+    || runQuiet(["/usr/bin/fusermount3", "-uz", path]) == 0
 }
 
 /// Runs a program with stdio closed; returns its exit status (-1 if it could not start).

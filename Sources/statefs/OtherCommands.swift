@@ -26,7 +26,9 @@ struct Unmount: ParsableCommand {
     if umount2(mp, lazy ? Int32(MNT_DETACH) : 0) == 0 { return }
     let e = errno
     if e == EBUSY {
-      throw StartError("\(mountpoint) is busy: files or directories under it are still open (close them, or use --lazy)")
+      throw StartError(
+        "\(mountpoint) is busy: files or directories under it are still open (close them, or use --lazy)"
+      )
     }
     if e == EPERM {
       // Not root: the setuid helper unmounts mounts the caller owns.
@@ -63,12 +65,15 @@ struct Status: ParsableCommand {
       if size > 0 {
         var buf = [UInt8](repeating: 0, count: size)
         let n = getxattr(e.mountpoint, statusXattrName, &buf, size)
-        if n > 0, let parsed = try? JSONSerialization.jsonObject(with: Data(buf[0..<n])) as? [String: Any] {
+        if n > 0,
+          let parsed = try? JSONSerialization.jsonObject(with: Data(buf[0..<n])) as? [String: Any]
+        {
           obj.merge(parsed) { _, new in new }
           obj["state"] = "live"
         }
       } else {
-        obj["state"] = errno == ENOTCONN ? "dead (daemon gone; mount again to recover)" : "unreachable"
+        obj["state"] =
+          errno == ENOTCONN ? "dead (daemon gone; mount again to recover)" : "unreachable"
       }
       objects.append(obj)
     }
@@ -84,8 +89,10 @@ struct Status: ParsableCommand {
     for o in objects {
       print("\(o["mountpoint"] ?? "?")  (source \(o["source"] ?? "?"))")
       let keys = [
-        "state", "pid", "options", "uptime_s", "commits", "bytes_committed", "commit_failures", "lock_waits",
-        "lock_wait_total_us", "lock_wait_max_us", "recoveries", "open_handles", "snapshots", "memory_bytes",
+        "state", "pid", "options", "uptime_s", "commits", "bytes_committed", "commit_failures",
+        "lock_waits",
+        "lock_wait_total_us", "lock_wait_max_us", "recoveries", "open_handles", "snapshots",
+        "memory_bytes",
         "spilled_bytes",
       ]
       for k in keys {
@@ -126,7 +133,8 @@ struct Recover: ParsableCommand {
     logger.logLevel = .warning
     do {
       let r = try Recovery.run(
-        sourceFd: root, privateDirFd: priv, durable: durable, discardCorrupt: discardCorrupt, logger: logger)
+        sourceFd: root, privateDirFd: priv, durable: durable, discardCorrupt: discardCorrupt,
+        logger: logger)
       print(
         "rolled forward \(r.rolledForward), dropped incomplete \(r.dropped), orphaned \(r.orphaned), "
           + "live journals skipped \(r.skippedLive), stale files removed \(r.removedStale)")

@@ -14,14 +14,16 @@ final class Scratch {
 
   init(threshold: Int64 = 4 << 20, journal: Bool = true) throws {
     dir = NSTemporaryDirectory() + "statefs-unit-\(UUID().uuidString)"
-    try FileManager.default.createDirectory(atPath: dir + "/.statefs", withIntermediateDirectories: true)
+    try FileManager.default.createDirectory(
+      atPath: dir + "/.statefs", withIntermediateDirectories: true)
     rootFd = open(dir, O_RDONLY | O_DIRECTORY)
     privFd = open(dir + "/.statefs", O_RDONLY | O_DIRECTORY)
     var o = CommitOptions()
     o.spillThreshold = threshold
     o.journal = journal
     o.truncationWait = 0.05
-    engine = CommitEngine(privateDirFd: privFd, options: o, stats: stats, logger: Logger(label: "test"))
+    engine = CommitEngine(
+      privateDirFd: privFd, options: o, stats: stats, logger: Logger(label: "test"))
   }
 
   deinit {
@@ -53,12 +55,16 @@ final class Scratch {
 
   func write(_ h: OpenFile, _ text: String, at offset: Int64 = 0) throws {
     let bytes = Array(text.utf8)
-    try bytes.withUnsafeBytes { p in try engine.write(h, bytes: p.baseAddress!, count: p.count, offset: offset) }
+    try bytes.withUnsafeBytes { p in
+      try engine.write(h, bytes: p.baseAddress!, count: p.count, offset: offset)
+    }
   }
 
   func read(_ h: OpenFile) throws -> String {
     var buf = [UInt8](repeating: 0, count: 1 << 16)
-    let n = try buf.withUnsafeMutableBytes { p in try engine.read(h, offset: 0, count: p.count, into: p.baseAddress!) }
+    let n = try buf.withUnsafeMutableBytes { p in
+      try engine.read(h, offset: 0, count: p.count, into: p.baseAddress!)
+    }
     return String(decoding: buf[0..<n], as: UTF8.self)
   }
 }
@@ -106,7 +112,9 @@ struct CommitEngineTests {
     try s.put("f", "old content")
     let file = FileState()
     let w = try s.handle("f", O_WRONLY | O_TRUNC, file: file)
-    #expect(try s.engine.flush(w) == false, "the dup2 close of `echo x > f` must not publish an empty file")
+    #expect(
+      try s.engine.flush(w) == false,
+      "the dup2 close of `echo x > f` must not publish an empty file")
     #expect(try s.get("f") == "old content")
     #expect(file.pendingTruncations.load(ordering: .relaxed) == 1)
     #expect(s.engine.release(w))
@@ -131,8 +139,12 @@ struct CommitEngineTests {
     try s.put("f", "INITIALIZING")
     let w = try s.handle("f", O_RDWR)
     let bytes = Array("RUNNING".utf8)
-    try bytes.withUnsafeBytes { p in try s.engine.write(w, bytes: p.baseAddress!, count: p.count, offset: 0, owner: 7) }
-    #expect(try s.engine.flush(w, owner: 9) == false, "a child closing its inherited copy is not the writer")
+    try bytes.withUnsafeBytes { p in
+      try s.engine.write(w, bytes: p.baseAddress!, count: p.count, offset: 0, owner: 7)
+    }
+    #expect(
+      try s.engine.flush(w, owner: 9) == false,
+      "a child closing its inherited copy is not the writer")
     #expect(try s.get("f") == "INITIALIZING")
     try s.engine.truncate(w, size: 7)
     #expect(try s.engine.flush(w, owner: 7))
@@ -216,7 +228,8 @@ struct CommitEngineTests {
     try text.withUnsafeBytes { p in try content.write(p.baseAddress!, count: p.count, offset: 0) }
     // A record begun but never retired, as a daemon killed mid-commit leaves it.
     let journal = Journal(dirFd: s.privFd, durable: false)
-    let slot = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    let slot = try journal.begin(
+      target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
     try "torn-tail-of-old".write(toFile: s.dir + "/f", atomically: false, encoding: .utf8)
     // The daemon dies: its slot descriptor (and lock) goes.
     close(slot!.fd)
@@ -236,7 +249,8 @@ struct CommitEngineTests {
     let text = Array(String(repeating: "x", count: 10000).utf8)
     try text.withUnsafeBytes { p in try content.write(p.baseAddress!, count: p.count, offset: 0) }
     let journal = Journal(dirFd: s.privFd, durable: false)
-    let slot = try journal.begin(target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    let slot = try journal.begin(
+      target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
     close(slot!.fd)
     // Cut the record's content short, as a kill during the journal write would.
     let name = "journal-\(journal.instance)-\(slot!.index)"
@@ -259,6 +273,7 @@ struct CommitEngineTests {
 
 /// Runs recovery as a new daemon would after this one died.
 func recover(_ s: Scratch) throws -> Int {
-  let r = try Recovery.run(sourceFd: s.rootFd, privateDirFd: s.privFd, durable: false, logger: Logger(label: "test"))
+  let r = try Recovery.run(
+    sourceFd: s.rootFd, privateDirFd: s.privFd, durable: false, logger: Logger(label: "test"))
   return r.rolledForward
 }

@@ -458,12 +458,21 @@ def test_concurrent_appends_never_interleave_and_none_is_lost(mnt, procs):
                      "sh", log, f"sh{w:02d}", str(lines)])
     for w in range(npy):
         procs.start([PY, "-c", PY_APPENDER, log, f"py{w}", str(lines)])
+    # meanwhile, readers of the log only ever see whole records
+    rec = re.compile(r"(sh\d\d|py\d) (\d{3}) (s{39}|m+) end")
+    torn, reads = [], 0
+    deadline = time.monotonic() + 150
+    while any(p.poll() is None for p in procs.procs) and time.monotonic() < deadline:
+        d = read_bytes(log).decode()
+        reads += 1
+        if d and (not d.endswith("\n") or not all(rec.fullmatch(x) for x in d[:-1].split("\n"))):
+            torn.append(d[-200:])
     results = procs.wait_all(timeout=150)
+    assert torn == [], f"{len(torn)} of {reads} reads of the log saw a partial record: {torn[:2]}"
     assert all(rc == 0 for rc, _, _ in results), [e for rc, _, e in results if rc]
     data = read_bytes(mnt.path("log")).decode()
     assert data == read_bytes(mnt.backing("log")).decode()
     assert data.endswith("\n")
-    rec = re.compile(r"(sh\d\d|py\d) (\d{3}) (s{39}|m+) end")
     per_writer = {}
     bad = []
     for line in data[:-1].split("\n"):

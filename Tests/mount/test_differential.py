@@ -290,9 +290,6 @@ OWN_SIZE_STEPS = [
 ]
 
 
-@pytest.mark.xfail(reason="statefs bug: GETATTR ignores the open handle, so fstat/lseek(SEEK_END) on a handle "
-                   "with uncommitted writes use the committed size (a write after SEEK_END overwrites data)",
-                   strict=True)
 def test_a_writing_handle_sees_its_own_size_as_on_a_plain_directory(mnt, workdir):
     plain = os.path.join(workdir, "plain")
     os.mkdir(plain)
@@ -307,7 +304,6 @@ TRUNC_STEPS = [
 ]
 
 
-@pytest.mark.xfail(reason="statefs bug: open(O_RDONLY|O_TRUNC) does not truncate (Linux truncates)", strict=True)
 def test_rdonly_with_o_trunc_truncates_as_on_a_plain_directory(mnt, workdir):
     plain = os.path.join(workdir, "plain")
     os.mkdir(plain)

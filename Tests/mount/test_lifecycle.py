@@ -12,8 +12,6 @@ import pytest
 import conftest
 from conftest import STATEFS, run, mount_table, is_mounted, wait_until, pid_alive
 
-FUSE_SUPER_MAGIC = 0x65735546
-
 
 def procs_mentioning(token):
     """PIDs (other than ours) whose command line contains token."""
@@ -70,13 +68,12 @@ def test_mount_returns_only_once_the_mount_answers(mount_factory):
         p = m.start()
         assert p.returncode == 0 and p.stderr == ""
         # the very first calls after the command returns are served by statefs
-        assert os.statvfs(m.mp).f_fsid is not None
         assert (m.mp, "fuse.statefs") in mount_table()
         assert os.stat(m.path("state")).st_size == len(b"content %d" % i)
         assert read(m.path("state")) == b"content %d" % i
         assert os.stat(m.mp).st_dev != os.stat(m.src).st_dev
         assert sorted(os.listdir(m.mp)) == ["state", "sub"]
-        assert pid_alive(m.pid) and m.pid not in (os.getpid(),)
+        assert pid_alive(m.pid)
 
 
 def test_foreground_mount_stays_attached_and_sigterm_detaches(mount_factory):
@@ -103,8 +100,6 @@ def test_foreground_mount_stays_attached_and_sigterm_detaches(mount_factory):
     assert read(m.backing("f")) == b"committed\n"
 
 
-@pytest.mark.xfail(reason="statefs bug: the daemon exits with status 1 after SIGTERM/SIGINT (libfuse's loop "
-                   "returns the signal number and it is treated as an error); fusermount -u gives 0", strict=True)
 def test_foreground_daemon_exits_0_after_sigterm_and_sigint(mount_factory):
     codes = {}
     for i, sig in enumerate((signal.SIGTERM, signal.SIGINT)):
@@ -139,7 +134,7 @@ def test_protecting_a_nonempty_directory_in_place(mount_factory):
     write(m.path("dir", "inner"), b"inner")
     before = {n: os.stat(m.path(*n.split("/"))).st_ino for n in ("job", "dir", "dir/inner")}
     m.start()
-    assert os.statvfs(m.mp) and (m.mp, "fuse.statefs") in mount_table()
+    assert (m.mp, "fuse.statefs") in mount_table()
     assert read(m.path("job")) == b"INITIALIZING"
     assert read(m.path("dir", "inner")) == b"inner"
     assert sorted(os.listdir(m.mp)) == ["dir", "job"]
@@ -278,9 +273,6 @@ def test_kill_9_leaves_a_dead_mount_that_mounting_again_recovers(mount_factory, 
     assert read(m.backing("f0")) == b"after\n"
 
 
-@pytest.mark.xfail(reason="statefs bug: right after kill -9, stat(MP) still succeeds from the kernel's "
-                   "attribute cache, so `statefs mount` calls the dead mount live ('already a statefs "
-                   "mount') instead of clearing it", strict=True)
 def test_mounting_again_right_after_kill_9_recovers(mount_factory):
     # A long attribute timeout makes the window deterministic (the default 1 s is timing-dependent).
     m = mount_factory(options=["cache_timeout=30"])

@@ -3,6 +3,7 @@ unknown options refused), `statefs unmount --lazy` detaches a busy mount, and th
 man page is installed."""
 import errno
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -171,8 +172,6 @@ def test_durable_mount_commits_writes_and_status_shows_durable(mount_factory):
     st = m.status()
     assert st["commits"] >= 4 and st["commit_failures"] == 0
     p = run([STATEFS, "status", "--json", m.mp], timeout=30, check=True)
-    import json
-
     (entry,) = json.loads(p.stdout)
     assert "durable" in entry["options"].split(",")
 
@@ -205,6 +204,19 @@ def test_spill_threshold_spills_a_large_open_write_to_disk(mount_factory):
     assert wait_until(lambda: m.status()["open_handles"] == 0, timeout=5), m.status()
 
 
+def fill(path):
+    """Fills the filesystem holding path to the last block."""
+    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 65536) > 0:
+            pass
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    assert os.statvfs(path).f_bavail == 0
+
+
 @pytest.fixture
 def tiny_source(workdir):
     """A 1 MiB tmpfs as a source directory, unmounted afterwards."""
@@ -224,20 +236,41 @@ def test_reading_a_spilled_file_works_when_the_source_disk_is_full(tiny_source, 
     with open(os.path.join(tiny_source, "big"), "wb") as f:
         f.write(data)
     m = mount_factory(options=["spill_threshold=64K"], src=tiny_source)
-    fd = os.open(os.path.join(tiny_source, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 65536) > 0:
-            pass
-    except OSError as e:
-        assert e.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    assert os.statvfs(tiny_source).f_bavail == 0
+    fill(tiny_source)
     try:
         with open(m.path("big"), "rb") as f:
             assert f.read() == data
     finally:
         m.stop()  # before tiny_source unmounts the tmpfs
+
+
+def test_truncating_open_on_a_full_disk_never_reports_false_success(tiny_source, mount_factory):
+    # `: > f` or Python's open(f, "w").close() on a full disk: on a local directory the
+    # file is emptied (that frees space). statefs may empty it, or fail close() loudly;
+    # close() returning 0 while the file keeps its old content is silent data loss.
+    with open(os.path.join(tiny_source, "big"), "wb") as f:
+        f.write(os.urandom(600_000))
+    m = mount_factory(src=tiny_source)
+    try:
+        fill(tiny_source)
+        before = m.status()["commit_failures"]
+        fd = os.open(m.path("big"), os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.close(fd)
+            closed_ok = True
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+            closed_ok = False
+        if closed_ok:
+            # The commit of a pure truncation may land at RELEASE, just after close().
+            emptied = wait_until(lambda: os.path.getsize(m.backing("big")) == 0, timeout=3)
+            failures = m.status()["commit_failures"] - before
+            assert emptied, (
+                f"close() returned 0 but the file kept its {os.path.getsize(m.backing('big'))} bytes "
+                f"(commit_failures +{failures}): the truncation failed after success was reported"
+            )
+    finally:
+        m.stop()
 
 
 # --- statefs unmount --lazy ----------------------------------------------------------------

@@ -8,12 +8,22 @@ public final class SpillStore: Sendable {
   let dirFd: Int32
   /// Content above this many bytes lives in a spill file, not in RAM.
   public let threshold: Int64
+  /// All buffers and snapshots together stay below this many bytes of RAM; beyond it,
+  /// new content spills whatever its size.
+  public let memoryLimit: Int64
   let stats: Stats
 
-  public init(dirFd: Int32, threshold: Int64, stats: Stats) {
+  public init(dirFd: Int32, threshold: Int64, memoryLimit: Int64 = 64 << 20, stats: Stats) {
     self.dirFd = dirFd
     self.threshold = threshold
+    self.memoryLimit = memoryLimit
     self.stats = stats
+  }
+
+  /// Whether `bytes` more in RAM should go to disk instead.
+  func mustSpill(size: Int64, growth: Int64) -> Bool {
+    size > threshold
+      || (growth > 0 && stats.memoryBytes.load(ordering: .relaxed) + growth > memoryLimit)
   }
 
   /// Creates an empty unnamed file that vanishes when closed.
@@ -29,7 +39,7 @@ public final class SpillStore: Sendable {
           let fd = try Sys.openat(dirFd, name, O_RDWR | O_CREAT | O_EXCL, 0o600)
           unlinkat(dirFd, name, 0)
           return fd
-        } catch where error.rawValue == EEXIST {
+        } catch  where error.rawValue == EEXIST {
           continue
         }
       }
@@ -131,14 +141,19 @@ final class Blob: @unchecked Sendable {
   func write(_ bytes: UnsafeRawPointer, count: Int, offset: Int64) throws(Errno) {
     if count <= 0 { return }
     let end = offset + Int64(count)
-    if fd < 0 && end > store.threshold { try spill() }
+    if fd < 0 && end > Int64(capacity) && store.mustSpill(size: end, growth: end - Int64(capacity))
+    {
+      try spill()
+    }
     if fd >= 0 {
       try Sys.pwriteFully(fd, bytes, count, offset)
       if end > size { setSpilledSize(end) }
       return
     }
     reserve(Int(end))
-    if offset > size { (mem! + Int(size)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(offset - size)) }
+    if offset > size {
+      (mem! + Int(size)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(offset - size))
+    }
     (mem! + Int(offset)).copyMemory(from: bytes, byteCount: count)
     if end > size { size = end }
   }
@@ -150,7 +165,11 @@ final class Blob: @unchecked Sendable {
 
   /// Cuts or zero-extends the content to `newSize`.
   func truncate(_ newSize: Int64) throws(Errno) {
-    if fd < 0 && newSize > store.threshold { try spill() }
+    if fd < 0 && newSize > Int64(capacity)
+      && store.mustSpill(size: newSize, growth: newSize - Int64(capacity))
+    {
+      try spill()
+    }
     if fd >= 0 {
       try Sys.ftruncate(fd, newSize)
       setSpilledSize(newSize)
@@ -166,7 +185,7 @@ final class Blob: @unchecked Sendable {
   /// Fills an empty blob with `count` bytes of `src` from `offset` (a snapshot or a base copy).
   func fill(from src: Int32, offset: Int64 = 0, count: Int64) throws(Errno) {
     if count <= 0 { return }
-    if count > store.threshold {
+    if store.mustSpill(size: count, growth: count) {
       try spill()
       let copied = try Sys.copyRange(from: src, at: offset, to: fd, at: 0, count: count)
       setSpilledSize(copied)

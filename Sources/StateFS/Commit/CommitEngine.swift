@@ -12,6 +12,8 @@ public struct CommitOptions: Sendable {
   public var durable = false
   /// Buffers and snapshots larger than this go to spill files.
   public var spillThreshold: Int64 = 4 << 20
+  /// RAM for all buffers and snapshots together; beyond it everything spills.
+  public var memoryLimit: Int64 = 64 << 20
   /// Write-ahead journal (off only in the test that shows what it prevents).
   public var journal = true
   /// How long an open waits for an O_TRUNC handle closed with nothing written.
@@ -35,7 +37,9 @@ public final class CommitEngine: Sendable {
   public init(privateDirFd: Int32, options: CommitOptions, stats: Stats, logger: Logger) {
     self.options = options
     self.stats = stats
-    self.spill = SpillStore(dirFd: privateDirFd, threshold: options.spillThreshold, stats: stats)
+    self.spill = SpillStore(
+      dirFd: privateDirFd, threshold: options.spillThreshold, memoryLimit: options.memoryLimit,
+      stats: stats)
     self.journal = Journal(dirFd: privateDirFd, durable: options.durable, enabled: options.journal)
     self.logger = logger
   }
@@ -50,7 +54,8 @@ public final class CommitEngine: Sendable {
     try Sys.flock(fd, op)
     var t1 = timespec()
     clock_gettime(CLOCK_MONOTONIC, &t1)
-    stats.recordLockWait(nanos: Int64(t1.tv_sec - t0.tv_sec) * 1_000_000_000 + Int64(t1.tv_nsec - t0.tv_nsec))
+    stats.recordLockWait(
+      nanos: Int64(t1.tv_sec - t0.tv_sec) * 1_000_000_000 + Int64(t1.tv_nsec - t0.tv_nsec))
   }
 
   func unlock(_ fd: Int32) { Sys.unlock(fd) }
@@ -61,6 +66,7 @@ public final class CommitEngine: Sendable {
   /// (writers wait for that reader rather than the read failing).
   func snapshot(of fd: Int32, holdIfNoSpace: Bool = false) throws(Errno) -> Blob {
     try lock(fd, LOCK_SH)
+    heal(fd, held: LOCK_SH)
     var keepLock = false
     defer { if !keepLock { unlock(fd) } }
     let st = try Sys.fstat(fd)
@@ -68,7 +74,9 @@ public final class CommitEngine: Sendable {
     do {
       try blob.fill(from: fd, count: Int64(st.st_size))
     } catch {
-      guard holdIfNoSpace && (error.rawValue == ENOSPC || error.rawValue == EDQUOT) else { throw error }
+      guard holdIfNoSpace && (error.rawValue == ENOSPC || error.rawValue == EDQUOT) else {
+        throw error
+      }
       keepLock = true
       logger.warning(
         "no space for a snapshot copy: reading in place under a held shared lock",
@@ -84,7 +92,9 @@ public final class CommitEngine: Sendable {
 
   /// Makes the handle for an open of a regular file; `fd` becomes the handle's
   /// (closed with it, or here on failure).
-  public func open(fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState, pid: Int32 = 0) throws(Errno)
+  public func open(
+    fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState, pid: Int32 = 0
+  ) throws(Errno)
     -> OpenFile
   {
     let acc = flags & O_ACCMODE
@@ -117,7 +127,9 @@ public final class CommitEngine: Sendable {
 
   /// Reads a handle's own view into `buf`: the version it opened, or once it has
   /// written its buffer (for O_APPEND: the version, then the pending bytes).
-  public func read(_ h: OpenFile, offset: Int64, count: Int, into buf: UnsafeMutableRawPointer) throws(Errno) -> Int {
+  public func read(_ h: OpenFile, offset: Int64, count: Int, into buf: UnsafeMutableRawPointer)
+    throws(Errno) -> Int
+  {
     if let snap = h.readSnapshot { return try snap.read(into: buf, count: count, offset: offset) }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Int in
       if h.append {
@@ -183,25 +195,40 @@ public final class CommitEngine: Sendable {
   }
 
   /// Buffers a write; nothing reaches the backing file until a commit.
-  public func write(_ h: OpenFile, bytes: UnsafeRawPointer, count: Int, offset: Int64, owner: UInt64 = 0)
+  public func write(
+    _ h: OpenFile, bytes: UnsafeRawPointer, count: Int, offset: Int64, owner: UInt64 = 0
+  )
     throws(Errno)
   {
     guard h.writable else { throw Errno.badFile }
     try h.state.withLock { (s: inout OpenFileState) throws(Errno) in
-      if s.buffer == nil {
-        let b = Blob(store: spill)
-        if let snap = s.snapshot { try snap.copy(into: b) }
-        s.buffer = b
+      do throws(Errno) {
+        try writeLocked(h, &s, bytes: bytes, count: count, offset: offset, owner: owner)
+        s.writeError = nil
+      } catch {
+        s.writeError = error
+        throw error
       }
-      if h.append {
-        try s.buffer!.append(bytes, count: count)
-      } else {
-        try s.buffer!.write(bytes, count: count, offset: offset)
-      }
-      s.dirty = true
-      if !s.writerOwners.contains(owner) { s.writerOwners.append(owner) }
-      clearPending(h, &s)
     }
+  }
+
+  private func writeLocked(
+    _ h: OpenFile, _ s: inout OpenFileState, bytes: UnsafeRawPointer, count: Int, offset: Int64,
+    owner: UInt64
+  ) throws(Errno) {
+    if s.buffer == nil {
+      let b = Blob(store: spill)
+      if let snap = s.snapshot { try snap.copy(into: b) }
+      s.buffer = b
+    }
+    if h.append {
+      try s.buffer!.append(bytes, count: count)
+    } else {
+      try s.buffer!.write(bytes, count: count, offset: offset)
+    }
+    s.dirty = true
+    if !s.writerOwners.contains(owner) { s.writerOwners.append(owner) }
+    clearPending(h, &s)
   }
 
   /// ftruncate(2) on a handle: cuts or extends its buffer.
@@ -233,6 +260,14 @@ public final class CommitEngine: Sendable {
     }
   }
 
+  /// Forgets uncommitted content: the handle goes back to the version it last committed.
+  private func discardPending(_ h: OpenFile, _ s: inout OpenFileState) {
+    s.dirty = false
+    s.truncationPending = false
+    s.writerOwners.removeAll()
+    clearPending(h, &s)
+  }
+
   /// At shutdown: publish the truncations of handles that were closed but whose
   /// RELEASE never arrived (the program's close() already returned).
   public func shutdown() {
@@ -246,10 +281,19 @@ public final class CommitEngine: Sendable {
   public func flush(_ h: OpenFile, owner: UInt64 = 0) throws(Errno) -> Bool {
     guard h.writable else { return false }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
+      if let e = s.writeError {
+        // The program's last write failed: its new version is not whole. Report that at
+        // close() and publish nothing, not even the O_TRUNC.
+        s.writeError = nil
+        discardPending(h, &s)
+        throw e
+      }
       if s.dirty {
         // A process that did not write (say a child closing its inherited copy at exec)
         // is not the writer finishing: publishing now would show half-written content.
-        if owner != 0 && !s.writerOwners.contains(0) && !s.writerOwners.contains(owner) { return false }
+        if owner != 0 && !s.writerOwners.contains(0) && !s.writerOwners.contains(owner) {
+          return false
+        }
         return try commitLocked(h, &s, sync: false)
       }
       if s.truncationPending && !s.countedPending {
@@ -283,6 +327,7 @@ public final class CommitEngine: Sendable {
     guard h.writable else { return false }
     return h.state.withLock { s -> Bool in
       defer { clearPending(h, &s) }
+      if s.writeError != nil { return false }
       if s.dirty || s.truncationPending {
         return (try? commitLocked(h, &s, sync: false)) ?? false
       }
@@ -290,7 +335,9 @@ public final class CommitEngine: Sendable {
     }
   }
 
-  private func commitLocked(_ h: OpenFile, _ s: inout OpenFileState, sync: Bool) throws(Errno) -> Bool {
+  private func commitLocked(_ h: OpenFile, _ s: inout OpenFileState, sync: Bool) throws(Errno)
+    -> Bool
+  {
     let content = s.buffer ?? Blob(store: spill)
     s.dirty = false
     s.writerOwners.removeAll()
@@ -302,7 +349,10 @@ public final class CommitEngine: Sendable {
       stats.commitFailures.add(1, ordering: .relaxed)
       logger.error(
         "commit failed",
-        metadata: ["inode": "\(h.inode)", "errno": "\(error.rawValue)", "error": "\(error)", "path": "\(describe(h.fd))"]
+        metadata: [
+          "inode": "\(h.inode)", "errno": "\(error.rawValue)", "error": "\(error)",
+          "path": "\(describe(h.fd))",
+        ]
       )
       throw error
     }
@@ -316,9 +366,12 @@ public final class CommitEngine: Sendable {
   }
 
   /// Writes one whole version (or one append) into the file open as `fd`, under LOCK_EX.
-  func commitContent(fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool) throws(Errno) {
+  func commitContent(fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool)
+    throws(Errno)
+  {
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
+    heal(fd, held: LOCK_EX)
     let offset: Int64 = append ? Int64(try Sys.fstat(fd).st_size) : 0
     let length = content.size
     // Reserve the blocks first: a full disk then fails here, before the file is touched.
@@ -329,9 +382,11 @@ public final class CommitEngine: Sendable {
     }
     let slot = try journal.begin(
       target: fd, inode: inode, kind: append ? .append : .replace, offset: offset, content: content)
+    let marked = slot.map { InFlightMarker.set(fd, journal: journal.fileName($0)) } ?? false
     do {
       try content.writeAll(to: fd, at: offset)
       if !append { try Sys.ftruncate(fd, length) }
+      if marked { InFlightMarker.clear(fd) }
     } catch {
       // The file may now be half written: write it whole once more, and if that fails
       // too, keep the journal record so the next mount (or `statefs recover`) completes it.
@@ -349,10 +404,21 @@ public final class CommitEngine: Sendable {
     stats.bytesCommitted.add(length, ordering: .relaxed)
   }
 
+  /// Rolls forward a commit that a dead daemon left half done in this file.
+  private func heal(_ fd: Int32, held: Int32) {
+    guard options.journal else { return }
+    if InFlightMarker.heal(
+      fd, held: held, privateDirFd: spill.dirFd, durable: options.durable, logger: logger)
+    {
+      stats.recoveries.add(1, ordering: .relaxed)
+    }
+  }
+
   /// truncate(2) by path: committed at once under LOCK_EX.
   public func truncateFile(fd: Int32, size: Int64) throws(Errno) {
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
+    heal(fd, held: LOCK_EX)
     try Sys.ftruncate(fd, size)
     if options.durable { try Sys.fsync(fd) }
     stats.commits.add(1, ordering: .relaxed)

@@ -72,7 +72,8 @@ struct RecordHeader {
     guard bytes.count >= size else { return nil }
     return bytes.withUnsafeBytes { p -> RecordHeader? in
       guard p.loadUnaligned(fromByteOffset: 0, as: UInt64.self) == magic else { return nil }
-      guard let kind = JournalKind(rawValue: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self)) else { return nil }
+      guard let kind = JournalKind(rawValue: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+      else { return nil }
       let hlen = Int(p.loadUnaligned(fromByteOffset: 12, as: UInt32.self))
       guard hlen <= 128 else { return nil }
       return RecordHeader(
@@ -88,11 +89,16 @@ struct RecordHeader {
   }
 
   /// The checksum over the identifying fields and the content's checksum.
-  static func seal(kind: JournalKind, inode: UInt64, offset: UInt64, length: UInt64, handle: [UInt8], content: UInt64)
+  static func seal(
+    kind: JournalKind, inode: UInt64, offset: UInt64, length: UInt64, handle: [UInt8],
+    content: UInt64
+  )
     -> UInt64
   {
     var c = Checksum()
-    let fields: [UInt64] = [UInt64(kind.rawValue), inode, offset, length, content, UInt64(handle.count)]
+    let fields: [UInt64] = [
+      UInt64(kind.rawValue), inode, offset, length, content, UInt64(handle.count),
+    ]
     fields.withUnsafeBytes { c.update($0) }
     handle.withUnsafeBytes { c.update($0) }
     return c.value
@@ -141,14 +147,15 @@ public final class Journal: Sendable {
   deinit {
     for s in free.withLock({ $0 }) {
       Sys.close(s.fd)
-      unlinkat(dirFd, "\(Journal.prefix)\(instance)-\(s.index)", 0)
+      unlinkat(dirFd, fileName(s), 0)
     }
   }
 
   private func acquire() throws(Errno) -> JournalSlot {
     if let s = free.withLock({ $0.popLast() }) { return s }
     let index = created.add(1, ordering: .relaxed).newValue
-    let fd = try Sys.openat(dirFd, "\(Journal.prefix)\(instance)-\(index)", O_RDWR | O_CREAT | O_TRUNC, 0o600)
+    let fd = try Sys.openat(
+      dirFd, "\(Journal.prefix)\(instance)-\(index)", O_RDWR | O_CREAT | O_TRUNC, 0o600)
     // The lock tells a later recovery that this journal's owner is alive.
     _ = try? Sys.tryFlock(fd, LOCK_EX)
     if durable { try? Sys.fsync(dirFd) }
@@ -161,7 +168,8 @@ public final class Journal: Sendable {
 
   /// Records the intent to write `content` into the file open as `target`; returns
   /// the slot to retire once the in-place write is done.
-  func begin(target: Int32, inode: UInt64, kind: JournalKind, offset: Int64, content: Blob) throws(Errno)
+  func begin(target: Int32, inode: UInt64, kind: JournalKind, offset: Int64, content: Blob)
+    throws(Errno)
     -> JournalSlot?
   {
     guard enabled else { return nil }
@@ -171,7 +179,9 @@ public final class Journal: Sendable {
     do throws(Errno) {
       var handle = [UInt8](repeating: 0, count: 128)
       var type: Int32 = 0
-      let n = handle.withUnsafeMutableBytes { statefs_fd_to_handle(target, $0.baseAddress, 128, &type) }
+      let n = handle.withUnsafeMutableBytes {
+        statefs_fd_to_handle(target, $0.baseAddress, 128, &type)
+      }
       handle = n > 0 ? Array(handle[0..<Int(n)]) : []
       // Content first, header last: a header is only ever seen with its content.
       var sum = Checksum()
@@ -187,7 +197,8 @@ public final class Journal: Sendable {
         kind: kind, sequence: sequence.add(1, ordering: .relaxed).newValue, inode: inode,
         offset: UInt64(offset), length: length, handleType: type, handle: handle,
         checksum: RecordHeader.seal(
-          kind: kind, inode: inode, offset: UInt64(offset), length: length, handle: handle, content: sum.value))
+          kind: kind, inode: inode, offset: UInt64(offset), length: length, handle: handle,
+          content: sum.value))
       let bytes = header.encode()
       try Sys.pwriteFully(fd, bytes, 0)
       if durable { try Sys.fdatasync(fd) }
@@ -197,6 +208,9 @@ public final class Journal: Sendable {
       throw error
     }
   }
+
+  /// The slot's file name inside the private directory.
+  func fileName(_ slot: JournalSlot) -> String { "\(Journal.prefix)\(instance)-\(slot.index)" }
 
   /// Leaves the slot's record live for recovery and takes the slot out of use.
   func abandon(_ slot: JournalSlot?) {

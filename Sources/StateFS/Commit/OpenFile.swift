@@ -52,6 +52,8 @@ struct OpenFileState: ~Copyable {
   var truncationPending = false
   /// Counted in `FileState.pendingTruncations`.
   var countedPending = false
+  /// The last write failed (say ENOSPC): the close() reports it and publishes nothing.
+  var writeError: Errno?
   /// The snapshot no longer matches what this handle committed (after an append).
   var snapshotStale = false
 }

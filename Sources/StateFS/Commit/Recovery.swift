@@ -34,7 +34,8 @@ public enum Recovery {
   /// Runs over the private directory `privateDirFd` of the source `sourceFd`.
   /// With `discardCorrupt`, unreadable journals are renamed aside instead of stopping.
   public static func run(
-    sourceFd: Int32, privateDirFd: Int32, durable: Bool, discardCorrupt: Bool = false, logger: Logger,
+    sourceFd: Int32, privateDirFd: Int32, durable: Bool, discardCorrupt: Bool = false,
+    logger: Logger,
     stats: Stats? = nil
   ) throws -> RecoveryReport {
     var report = RecoveryReport()
@@ -73,10 +74,12 @@ public enum Recovery {
       }
       do {
         try recoverOne(
-          fd: fd, name: name, sourceFd: sourceFd, durable: durable, logger: logger, report: &report, stats: stats)
+          fd: fd, name: name, sourceFd: sourceFd, durable: durable, logger: logger, report: &report,
+          stats: stats)
       } catch let e as JournalError {
         if discardCorrupt {
-          logger.error("journal set aside", metadata: ["file": "\(e.file)", "problem": "\(e.problem)"])
+          logger.error(
+            "journal set aside", metadata: ["file": "\(e.file)", "problem": "\(e.problem)"])
           renameat(privateDirFd, name, privateDirFd, name + ".corrupt")
           continue
         }
@@ -90,11 +93,47 @@ public enum Recovery {
   }
 
   private static func recoverOne(
-    fd: Int32, name: String, sourceFd: Int32, durable: Bool, logger: Logger, report: inout RecoveryReport,
+    fd: Int32, name: String, sourceFd: Int32, durable: Bool, logger: Logger,
+    report: inout RecoveryReport,
     stats: Stats?
   ) throws {
+    guard let (h, complete) = try readRecord(fd: fd, name: name, logger: logger, report: &report)
+    else { return }
+    guard complete else {
+      report.dropped += 1
+      logger.warning(
+        "incomplete journal record dropped; the file keeps its previous version",
+        metadata: ["journal": "\(name)", "inode": "\(h.inode)"])
+      return
+    }
+    guard let target = openTarget(h, sourceFd: sourceFd) else {
+      report.orphaned += 1
+      logger.warning(
+        "journal record for a file that no longer exists", metadata: ["inode": "\(h.inode)"])
+      return
+    }
+    defer { Sys.close(target) }
+    try Sys.flock(target, LOCK_EX)
+    defer { Sys.unlock(target) }
+    try apply(h, journalFd: fd, target: target, durable: durable)
+    report.rolledForward += 1
+    stats?.recoveries.add(1, ordering: .relaxed)
+    logger.notice(
+      "interrupted commit rolled forward",
+      metadata: [
+        "path": "\(pathOf(target))", "inode": "\(h.inode)", "bytes": "\(h.length)",
+        "kind": "\(h.kind == .append ? "append" : "replace")",
+      ])
+  }
+
+  /// Reads the live record of a journal slot file and whether its content is complete;
+  /// nil when the slot holds no live record. Throws for a file that is no journal.
+  static func readRecord(fd: Int32, name: String, logger: Logger, report: inout RecoveryReport)
+    throws
+    -> (RecordHeader, Bool)?
+  {
     let st = try Sys.fstat(fd)
-    if st.st_size == 0 { return }
+    if st.st_size == 0 { return nil }
     var head = [UInt8](repeating: 0, count: RecordHeader.size)
     let n: Int
     do {
@@ -104,18 +143,19 @@ public enum Recovery {
     } catch {
       throw JournalError(file: ".statefs/\(name)", problem: "cannot read: \(error)")
     }
-    if n < 8 { return }
+    if n < 8 { return nil }
     guard let h = RecordHeader.decode(head) else {
       // No live record (retired, or never completed its header).
       let tag = head.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }
       if tag != 0 && tag != RecordHeader.magic {
-        throw JournalError(file: ".statefs/\(name)", problem: "unrecognised record header (not a statefs journal?)")
+        throw JournalError(
+          file: ".statefs/\(name)", problem: "unrecognised record header (not a statefs journal?)")
       }
       if tag == RecordHeader.magic {
         report.dropped += 1
         logger.warning("journal record with a bad header dropped", metadata: ["file": "\(name)"])
       }
-      return
+      return nil
     }
     // Verify the content before touching the target: incomplete means "never happened".
     var sum = Checksum()
@@ -137,22 +177,16 @@ public enum Recovery {
       }
     }
     let sealed = RecordHeader.seal(
-      kind: h.kind, inode: h.inode, offset: h.offset, length: h.length, handle: h.handle, content: sum.value)
-    guard complete && sealed == h.checksum else {
-      report.dropped += 1
-      logger.warning(
-        "incomplete journal record dropped; the file keeps its previous version",
-        metadata: ["journal": "\(name)", "inode": "\(h.inode)"])
-      return
-    }
-    guard let target = openTarget(h, sourceFd: sourceFd) else {
-      report.orphaned += 1
-      logger.warning("journal record for a file that no longer exists", metadata: ["inode": "\(h.inode)"])
-      return
-    }
-    defer { Sys.close(target) }
-    try Sys.flock(target, LOCK_EX)
-    defer { Sys.unlock(target) }
+      kind: h.kind, inode: h.inode, offset: h.offset, length: h.length, handle: h.handle,
+      content: sum.value)
+    return (h, complete && sealed == h.checksum)
+  }
+
+  /// Writes a verified record into its target (the caller holds LOCK_EX on it), then
+  /// retires the record and clears the target's in-flight marker.
+  static func apply(_ h: RecordHeader, journalFd fd: Int32, target: Int32, durable: Bool)
+    throws(Errno)
+  {
     let copied = try Sys.copyRange(
       from: fd, at: Journal.contentOffset, to: target, at: Int64(h.offset), count: Int64(h.length))
     if copied != Int64(h.length) { throw Errno.ioError }
@@ -160,21 +194,15 @@ public enum Recovery {
     if durable { try Sys.fsync(target) }
     var zero: UInt64 = 0
     try Sys.pwriteFully(fd, &zero, 8, 0)
-    report.rolledForward += 1
-    stats?.recoveries.add(1, ordering: .relaxed)
-    logger.notice(
-      "interrupted commit rolled forward",
-      metadata: [
-        "path": "\(pathOf(target))", "inode": "\(h.inode)", "bytes": "\(h.length)",
-        "kind": "\(h.kind == .append ? "append" : "replace")",
-      ])
+    InFlightMarker.clear(target)
   }
 
   /// Opens the record's file by its handle, else by a walk of the source tree for its inode.
   private static func openTarget(_ h: RecordHeader, sourceFd: Int32) -> Int32? {
     if !h.handle.isEmpty {
       let fd = h.handle.withUnsafeBytes {
-        statefs_open_by_handle(sourceFd, $0.baseAddress, Int32(h.handle.count), h.handleType, O_RDWR | O_CLOEXEC)
+        statefs_open_by_handle(
+          sourceFd, $0.baseAddress, Int32(h.handle.count), h.handleType, O_RDWR | O_CLOEXEC)
       }
       if fd >= 0 { return fd }
       if errno == ESTALE || errno == ENOENT { return nil }
@@ -184,7 +212,8 @@ public enum Recovery {
 
   private static func walk(_ dirFd: Int32, ino: UInt64, depth: Int) -> Int32? {
     if depth > 64 { return nil }
-    guard let fd = try? Sys.openat(dirFd, ".", O_RDONLY | O_DIRECTORY), let dir = fdopendir(fd) else { return nil }
+    guard let fd = try? Sys.openat(dirFd, ".", O_RDONLY | O_DIRECTORY), let dir = fdopendir(fd)
+    else { return nil }
     defer { closedir(dir) }
     while let de = readdir(dir) {
       let name = withUnsafeBytes(of: de.pointee.d_name) { raw in Array(raw.prefix { $0 != 0 }) }

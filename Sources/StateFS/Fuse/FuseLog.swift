@@ -15,7 +15,8 @@ public enum FuseLog {
       guard let fmt, let ap else { return }
       var buf = [CChar](repeating: 0, count: 512)
       _ = vsnprintf(&buf, buf.count, fmt, ap)
-      let text = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      let text = String(
+        decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
       let line = text.split(separator: "\n").last.map(String.init) ?? ""
       FuseLog.last.withLock { $0 = line }
       if level.rawValue <= FUSE_LOG_NOTICE.rawValue {

@@ -15,13 +15,15 @@ public final class FuseSession {
   public init(fs: FileSystem, mountOptions: String) throws(Errno) {
     self.fs = fs
     let argv: [String] = ["statefs", "-o", mountOptions]
-    let cargv = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: argv.count + 1)
+    let cargv = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(
+      capacity: argv.count + 1)
     for (i, a) in argv.enumerated() { cargv[i] = strdup(a) }
     cargv[argv.count] = nil
     args = statefs_args_init(Int32(argv.count), cargv)
     var ops = makeOperations()
     let userdata = Unmanaged.passRetained(fs).toOpaque()
-    guard let se = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata) else {
+    guard let se = fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, userdata)
+    else {
       Unmanaged<FileSystem>.fromOpaque(userdata).release()
       throw Errno.invalid
     }

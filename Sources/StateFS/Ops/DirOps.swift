@@ -40,7 +40,8 @@ extension FileSystem {
     return Unmanaged<DirHandle>.fromOpaque(p).takeUnretainedValue()
   }
 
-  func opendir(_ req: consuming Request, _ ino: UInt64, _ fi: UnsafeMutablePointer<fuse_file_info>) {
+  func opendir(_ req: consuming Request, _ ino: UInt64, _ fi: UnsafeMutablePointer<fuse_file_info>)
+  {
     guard let n = table.node(ino) else { return req.reply(.noEntry) }
     do {
       let fd = try Sys.openat(n.fd, ".", O_RDONLY | O_DIRECTORY)
@@ -58,7 +59,8 @@ extension FileSystem {
   }
 
   func readdir(
-    _ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>, plus: Bool
+    _ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>,
+    plus: Bool
   ) {
     guard let d = dirHandle(fi.pointee.fh) else { return req.reply(.badFile) }
     let buf = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 16)
@@ -86,14 +88,22 @@ extension FileSystem {
           let name = withUnsafeBytes(of: de.pointee.d_name) { raw in
             Array(raw.bindMemory(to: CChar.self).prefix { $0 != 0 }) + [0]
           }
-          entry = DirEntry(name: name, ino: UInt64(de.pointee.d_ino), type: de.pointee.d_type, next: Int64(de.pointee.d_off))
+          entry = DirEntry(
+            name: name, ino: UInt64(de.pointee.d_ino), type: de.pointee.d_type,
+            next: Int64(de.pointee.d_off))
         }
-        let hidden = atRoot && entry.name.withUnsafeBufferPointer { strcmp($0.baseAddress!, privateDirectoryName) == 0 }
+        let hidden =
+          atRoot
+          && entry.name.withUnsafeBufferPointer {
+            strcmp($0.baseAddress!, privateDirectoryName) == 0
+          }
         if hidden {
           c.offset = entry.next
           continue
         }
-        let isDot = entry.name.withUnsafeBufferPointer { strcmp($0.baseAddress!, ".") == 0 || strcmp($0.baseAddress!, "..") == 0 }
+        let isDot = entry.name.withUnsafeBufferPointer {
+          strcmp($0.baseAddress!, ".") == 0 || strcmp($0.baseAddress!, "..") == 0
+        }
         let added: Int = entry.name.withUnsafeBufferPointer { np in
           let name = np.baseAddress!
           if plus {
@@ -107,7 +117,9 @@ extension FileSystem {
               e = found
               looked = true
             }
-            let need = fuse_add_direntry_plus(raw, (buf + used).assumingMemoryBound(to: CChar.self), size - used, name, &e, off_t(entry.next))
+            let need = fuse_add_direntry_plus(
+              raw, (buf + used).assumingMemoryBound(to: CChar.self), size - used, name, &e,
+              off_t(entry.next))
             if need > size - used {
               if looked { table.forget(UInt64(e.ino), 1) }
               return 0
@@ -117,7 +129,9 @@ extension FileSystem {
             var st = stat()
             st.st_ino = ino_t(entry.ino)
             st.st_mode = mode_t(entry.type) << 12
-            let need = fuse_add_direntry(raw, (buf + used).assumingMemoryBound(to: CChar.self), size - used, name, &st, off_t(entry.next))
+            let need = fuse_add_direntry(
+              raw, (buf + used).assumingMemoryBound(to: CChar.self), size - used, name, &st,
+              off_t(entry.next))
             return need > size - used ? 0 : need
           }
         }

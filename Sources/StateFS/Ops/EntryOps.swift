@@ -27,13 +27,16 @@ extension FileSystem {
     table.forget(ino, count)
   }
 
-  func getattr(_ req: consuming Request, _ ino: UInt64, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+  func getattr(_ req: consuming Request, _ ino: UInt64, _ fi: UnsafeMutablePointer<fuse_file_info>?)
+  {
     guard let n = table.node(ino) else { return req.reply(.noEntry) }
     do {
       var st = try Sys.fstat(n.fd)
       // A process with the file open sees the size of its own handle's version (what it
       // reads, where SEEK_END goes); every other process sees the committed version.
-      let mine = fi.flatMap { openFile($0.pointee.fh) } ?? (n.isRegular ? n.file.handle(openedBy: req.pid) : nil)
+      let mine =
+        fi.flatMap { openFile($0.pointee.fh) }
+        ?? (n.isRegular ? n.file.handle(openedBy: req.pid) : nil)
       if let h = mine {
         let size = engine.viewSize(h)
         if size != Int64(st.st_size) {
@@ -63,7 +66,9 @@ extension FileSystem {
       if toSet & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID) != 0 {
         let uid = toSet & FUSE_SET_ATTR_UID != 0 ? a.st_uid : uid_t.max
         let gid = toSet & FUSE_SET_ATTR_GID != 0 ? a.st_gid : gid_t.max
-        _ = try retrying { fchownat(n.fd, "", uid, gid, LinuxFlags.emptyPath | AT_SYMLINK_NOFOLLOW) }
+        _ = try retrying {
+          fchownat(n.fd, "", uid, gid, LinuxFlags.emptyPath | AT_SYMLINK_NOFOLLOW)
+        }
       }
       var sizeOverride: Int64? = nil
       if toSet & FUSE_SET_ATTR_SIZE != 0 {
@@ -77,7 +82,10 @@ extension FileSystem {
           try engine.truncateFile(fd: fd, size: Int64(a.st_size))
         }
       }
-      if toSet & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW) != 0 {
+      if toSet
+        & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW
+          | FUSE_SET_ATTR_MTIME_NOW) != 0
+      {
         var ts = [timespec](repeating: timespec(tv_sec: 0, tv_nsec: LinuxFlags.utimeOmit), count: 2)
         if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 {
           ts[0].tv_nsec = LinuxFlags.utimeNow
@@ -114,7 +122,8 @@ extension FileSystem {
 
   /// Shared tail of mknod/mkdir/symlink: own it as the caller, then answer with its entry.
   private func finishCreate(
-    _ req: consuming Request, _ p: Node, _ name: UnsafePointer<CChar>, _ made: () throws(Errno) -> Void
+    _ req: consuming Request, _ p: Node, _ name: UnsafePointer<CChar>,
+    _ made: () throws(Errno) -> Void
   ) {
     let uid = req.uid
     let gid = req.gid
@@ -135,68 +144,90 @@ extension FileSystem {
     }
   }
 
-  func mknod(_ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>, _ mode: mode_t, _ rdev: dev_t) {
+  func mknod(
+    _ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>, _ mode: mode_t,
+    _ rdev: dev_t
+  ) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.permission) }
     if options.readOnly { return req.reply(.readOnly) }
-    finishCreate(req, p, name) { () throws(Errno) in _ = try retrying { mknodat(p.fd, name, mode, rdev) } }
+    finishCreate(req, p, name) { () throws(Errno) in
+      _ = try retrying { mknodat(p.fd, name, mode, rdev) }
+    }
   }
 
-  func mkdir(_ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>, _ mode: mode_t) {
+  func mkdir(
+    _ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>, _ mode: mode_t
+  ) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.permission) }
     if options.readOnly { return req.reply(.readOnly) }
-    finishCreate(req, p, name) { () throws(Errno) in _ = try retrying { mkdirat(p.fd, name, mode) } }
+    finishCreate(req, p, name) { () throws(Errno) in _ = try retrying { mkdirat(p.fd, name, mode) }
+    }
   }
 
-  func symlink(_ req: consuming Request, _ link: UnsafePointer<CChar>, _ parent: UInt64, _ name: UnsafePointer<CChar>) {
+  func symlink(
+    _ req: consuming Request, _ link: UnsafePointer<CChar>, _ parent: UInt64,
+    _ name: UnsafePointer<CChar>
+  ) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.permission) }
     if options.readOnly { return req.reply(.readOnly) }
-    finishCreate(req, p, name) { () throws(Errno) in _ = try retrying { symlinkat(link, p.fd, name) } }
+    finishCreate(req, p, name) { () throws(Errno) in
+      _ = try retrying { symlinkat(link, p.fd, name) }
+    }
   }
 
   func unlink(_ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.noEntry) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in
-      _ = try retrying { unlinkat(p.fd, name, 0) }
-      syncDirectory(p)
-    })
+    req.reply(
+      attempt { () throws(Errno) in
+        _ = try retrying { unlinkat(p.fd, name, 0) }
+        syncDirectory(p)
+      })
   }
 
   func rmdir(_ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>) {
     guard let p = table.node(parent) else { return req.reply(.noEntry) }
     if isHidden(parent, name) { return req.reply(.noEntry) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in
-      _ = try retrying { unlinkat(p.fd, name, AT_REMOVEDIR) }
-      syncDirectory(p)
-    })
+    req.reply(
+      attempt { () throws(Errno) in
+        _ = try retrying { unlinkat(p.fd, name, AT_REMOVEDIR) }
+        syncDirectory(p)
+      })
   }
 
   func rename(
     _ req: consuming Request, _ parent: UInt64, _ name: UnsafePointer<CChar>, _ newParent: UInt64,
     _ newName: UnsafePointer<CChar>, _ flags: UInt32
   ) {
-    guard let p = table.node(parent), let np = table.node(newParent) else { return req.reply(.noEntry) }
+    guard let p = table.node(parent), let np = table.node(newParent) else {
+      return req.reply(.noEntry)
+    }
     if isHidden(parent, name) { return req.reply(.noEntry) }
     if isHidden(newParent, newName) { return req.reply(.permission) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in
-      if flags == 0 {
-        _ = try retrying { renameat(p.fd, name, np.fd, newName) }
-      } else {
-        _ = try retrying { statefs_renameat2(p.fd, name, np.fd, newName, flags) }
-      }
-      syncDirectory(np)
-      if np !== p { syncDirectory(p) }
-    })
+    req.reply(
+      attempt { () throws(Errno) in
+        if flags == 0 {
+          _ = try retrying { renameat(p.fd, name, np.fd, newName) }
+        } else {
+          _ = try retrying { statefs_renameat2(p.fd, name, np.fd, newName, flags) }
+        }
+        syncDirectory(np)
+        if np !== p { syncDirectory(p) }
+      })
   }
 
-  func link(_ req: consuming Request, _ ino: UInt64, _ newParent: UInt64, _ newName: UnsafePointer<CChar>) {
-    guard let n = table.node(ino), let np = table.node(newParent) else { return req.reply(.noEntry) }
+  func link(
+    _ req: consuming Request, _ ino: UInt64, _ newParent: UInt64, _ newName: UnsafePointer<CChar>
+  ) {
+    guard let n = table.node(ino), let np = table.node(newParent) else {
+      return req.reply(.noEntry)
+    }
     if isHidden(newParent, newName) { return req.reply(.permission) }
     if options.readOnly { return req.reply(.readOnly) }
     do {

@@ -38,7 +38,8 @@ extension FileSystem {
       }
       // O_NOATIME: capturing a writer's base version is not an access by the program.
       let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR | statefs_O_NOATIME)
-      let h = try engine.open(fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid)
+      let h = try engine.open(
+        fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid)
       publish(h, fi)
       req.open(fi)
     } catch {
@@ -79,7 +80,8 @@ extension FileSystem {
       let node = table.lookup(fd: pathFd, st: st)
       let h: OpenFile
       do {
-        h = try engine.open(fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file, pid: pid)
+        h = try engine.open(
+          fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file, pid: pid)
       } catch {
         table.forget(node.id, 1)
         throw error
@@ -93,7 +95,9 @@ extension FileSystem {
   }
 
   /// Creates `name` exclusively, or opens the existing file when the caller allowed it.
-  private func openOrCreate(_ dirFd: Int32, _ name: UnsafePointer<CChar>, mode: mode_t, exclusive: Bool)
+  private func openOrCreate(
+    _ dirFd: Int32, _ name: UnsafePointer<CChar>, mode: mode_t, exclusive: Bool
+  )
     throws(Errno) -> (Int32, Bool)
   {
     do {
@@ -104,7 +108,9 @@ extension FileSystem {
     return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW | statefs_O_NOATIME), false)
   }
 
-  func read(_ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>) {
+  func read(
+    _ req: consuming Request, _ size: Int, _ off: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>
+  ) {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     if off < 0 { return req.reply(.invalid) }
     if let snap = h.readSnapshot {
@@ -131,7 +137,8 @@ extension FileSystem {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     if off < 0 { return req.reply(.invalid) }
     do {
-      try engine.write(h, bytes: UnsafeRawPointer(buf), count: size, offset: off, owner: fi.pointee.lock_owner)
+      try engine.write(
+        h, bytes: UnsafeRawPointer(buf), count: size, offset: off, owner: fi.pointee.lock_owner)
       req.written(size)
     } catch {
       req.reply(error)
@@ -150,7 +157,9 @@ extension FileSystem {
   }
 
   func release(_ req: consuming Request, _ fi: UnsafeMutablePointer<fuse_file_info>) {
-    guard let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) else { return req.reply(.badFile) }
+    guard let p = UnsafeRawPointer(bitPattern: UInt(fi.pointee.fh)) else {
+      return req.reply(.badFile)
+    }
     let h = Unmanaged<OpenFile>.fromOpaque(p).takeRetainedValue()
     fi.pointee.fh = 0
     let committed = engine.release(h)
@@ -171,14 +180,19 @@ extension FileSystem {
   }
 
   func fallocate(
-    _ req: consuming Request, _ mode: Int32, _ off: Int64, _ len: Int64, _ fi: UnsafeMutablePointer<fuse_file_info>
+    _ req: consuming Request, _ mode: Int32, _ off: Int64, _ len: Int64,
+    _ fi: UnsafeMutablePointer<fuse_file_info>
   ) {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     if options.readOnly { return req.reply(.readOnly) }
-    req.reply(attempt { () throws(Errno) in try engine.fallocate(h, mode: mode, offset: off, length: len) })
+    req.reply(
+      attempt { () throws(Errno) in try engine.fallocate(h, mode: mode, offset: off, length: len) })
   }
 
-  func lseek(_ req: consuming Request, _ off: Int64, _ whence: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>) {
+  func lseek(
+    _ req: consuming Request, _ off: Int64, _ whence: Int32,
+    _ fi: UnsafeMutablePointer<fuse_file_info>
+  ) {
     guard let h = openFile(fi.pointee.fh) else { return req.reply(.badFile) }
     // A handle's view has no holes: all of it is data, and the end is the only hole.
     let size = engine.viewSize(h)

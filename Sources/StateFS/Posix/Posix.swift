@@ -18,14 +18,17 @@ public enum LinuxFlags {
 /// Thin throwing wrappers over the syscalls statefs uses; EINTR is retried here.
 public enum Sys {
   /// openat(2).
-  public static func openat(_ dirfd: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32, _ mode: mode_t = 0)
+  public static func openat(
+    _ dirfd: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32, _ mode: mode_t = 0
+  )
     throws(Errno) -> Int32
   {
     try retrying { Glibc.openat(dirfd, path, flags | O_CLOEXEC, mode) }
   }
 
   /// openat(2) with a Swift string path.
-  public static func openat(_ dirfd: Int32, _ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(Errno)
+  public static func openat(_ dirfd: Int32, _ path: String, _ flags: Int32, _ mode: mode_t = 0)
+    throws(Errno)
     -> Int32
   {
     try retrying { Glibc.openat(dirfd, path, flags | O_CLOEXEC, mode) }
@@ -45,7 +48,9 @@ public enum Sys {
   }
 
   /// fstatat(2).
-  public static func fstatat(_ dirfd: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32) throws(Errno) -> stat {
+  public static func fstatat(_ dirfd: Int32, _ path: UnsafePointer<CChar>, _ flags: Int32)
+    throws(Errno) -> stat
+  {
     var st = stat()
     _ = try retrying { Glibc.fstatat(dirfd, path, &st, flags) }
     return st
@@ -59,12 +64,16 @@ public enum Sys {
   }
 
   /// pread(2) until `count` bytes or end of file; returns the bytes read.
-  public static func preadFully(_ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64)
+  public static func preadFully(
+    _ fd: Int32, _ buf: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64
+  )
     throws(Errno) -> Int
   {
     var done = 0
     while done < count {
-      let n = try retrying { Glibc.pread(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+      let n = try retrying {
+        Glibc.pread(fd, buf + done, count - done, off_t(offset) + off_t(done))
+      }
       if n == 0 { break }
       done += n
     }
@@ -72,11 +81,14 @@ public enum Sys {
   }
 
   /// pwrite(2) of every byte.
-  public static func pwriteFully(_ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64) throws(Errno)
-  {
+  public static func pwriteFully(
+    _ fd: Int32, _ buf: UnsafeRawPointer, _ count: Int, _ offset: Int64
+  ) throws(Errno) {
     var done = 0
     while done < count {
-      let n = try retrying { Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done)) }
+      let n = try retrying {
+        Glibc.pwrite(fd, buf + done, count - done, off_t(offset) + off_t(done))
+      }
       if n == 0 { throw Errno.ioError }
       done += n
     }
@@ -85,7 +97,9 @@ public enum Sys {
   /// pwrite(2) of a whole byte array.
   public static func pwriteFully(_ fd: Int32, _ bytes: [UInt8], _ offset: Int64) throws(Errno) {
     let failure: Errno? = bytes.withUnsafeBytes { p in
-      do throws(Errno) { try pwriteFully(fd, p.baseAddress!, p.count, offset) } catch { return error }
+      do throws(Errno) { try pwriteFully(fd, p.baseAddress!, p.count, offset) } catch {
+        return error
+      }
       return nil
     }
     if let failure { throw failure }
@@ -128,13 +142,17 @@ public enum Sys {
   }
 
   /// fallocate(2).
-  public static func fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ len: Int64) throws(Errno) {
+  public static func fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ len: Int64)
+    throws(Errno)
+  {
     _ = try retrying { statefs_fallocate(fd, mode, off_t(offset), off_t(len)) }
   }
 
   /// Copies `count` bytes between descriptors at explicit offsets with
   /// copy_file_range(2), falling back to pread/pwrite where the kernel refuses.
-  public static func copyRange(from src: Int32, at srcOffset: Int64, to dst: Int32, at dstOffset: Int64, count: Int64)
+  public static func copyRange(
+    from src: Int32, at srcOffset: Int64, to dst: Int32, at dstOffset: Int64, count: Int64
+  )
     throws(Errno) -> Int64
   {
     var inOff = off_t(srcOffset)
