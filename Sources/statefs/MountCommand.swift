@@ -314,7 +314,6 @@ struct Mount: ParsableCommand {
     commit.durable = opts.durable
     commit.spillThreshold = opts.spillThreshold
     commit.memoryLimit = opts.memoryLimit
-    commit.memoryLimit = opts.memoryLimit
     commit.journal = opts.journal && !opts.readOnly
     let engine = CommitEngine(
       privateDirFd: spillDirFd, options: commit, stats: stats, logger: logger)
