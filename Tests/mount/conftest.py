@@ -113,6 +113,60 @@ class Mount:
             _started_pids.discard(self.pid)
 
 
+def procs_mentioning(token):
+    """PIDs of live processes (other than this one) whose command line contains token."""
+    found = []
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if os.fsencode(token) in cmd and pid_alive(int(d)):
+            found.append(int(d))
+    return found
+
+
+class Procs:
+    """Background processes of one test, each stopped by its PID at the end."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, **kw):
+        kw.setdefault("shell", isinstance(cmd, str))
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        p = subprocess.Popen(cmd, **kw)
+        self.procs.append(p)
+        return p
+
+    def wait_all(self, timeout):
+        deadline = time.monotonic() + timeout
+        out = []
+        for p in self.procs:
+            left = max(0.1, deadline - time.monotonic())
+            o, e = p.communicate(timeout=left)
+            out.append((p.returncode, o, e))
+        return out
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.stop()
+
+
 @pytest.fixture
 def workdir():
     d = tempfile.mkdtemp(prefix="statefs-test-")

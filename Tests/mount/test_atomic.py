@@ -21,41 +21,6 @@ from conftest import run, wait_until
 PY = sys.executable
 
 
-class Procs:
-    """Background processes of one test, each stopped by its PID at the end."""
-
-    def __init__(self):
-        self.procs = []
-
-    def start(self, cmd, **kw):
-        p = subprocess.Popen(cmd, shell=isinstance(cmd, str), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, **kw)
-        self.procs.append(p)
-        return p
-
-    def wait_all(self, timeout):
-        deadline = time.monotonic() + timeout
-        out = []
-        for p in self.procs:
-            left = max(0.1, deadline - time.monotonic())
-            o, e = p.communicate(timeout=left)
-            out.append((p.returncode, o, e))
-        return out
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-
-
-@pytest.fixture
-def procs():
-    ps = Procs()
-    yield ps
-    ps.stop()
-
-
 class ShellServer:
     """A shell started *before* a test opens a writable handle, running commands on
     request: commands run from it cannot inherit (and close) the test's handles."""

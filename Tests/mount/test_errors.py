@@ -3,7 +3,6 @@ fsync() fail with the errno, and the previous version of the file stays intact."
 import errno
 import os
 import random
-import subprocess
 
 import pytest
 

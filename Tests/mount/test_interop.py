@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 PY = sys.executable
 
@@ -103,33 +102,6 @@ while time.monotonic() < deadline:
         time.sleep(rng.random() * 0.003)
 print(json.dumps({"mode": mode, "checked": checked, "nbad": len(bad), "bad": [repr(b) for b in bad[:3]]}))
 """
-
-
-class Procs:
-    """Processes of one test, each stopped by its PID at the end."""
-
-    def __init__(self):
-        self.procs = []
-
-    def start(self, cmd, **kw):
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        p = subprocess.Popen(cmd, **kw)
-        self.procs.append(p)
-        return p
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-
-
-@pytest.fixture
-def procs():
-    ps = Procs()
-    yield ps
-    ps.stop()
 
 
 class Locker:

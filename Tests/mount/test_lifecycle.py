@@ -10,23 +10,7 @@ import sys
 import pytest
 
 import conftest
-from conftest import STATEFS, run, mount_table, is_mounted, wait_until, pid_alive
-
-
-def procs_mentioning(token):
-    """PIDs (other than ours) whose command line contains token."""
-    found = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if os.fsencode(token) in cmd and pid_alive(int(d)):
-            found.append(int(d))
-    return found
+from conftest import STATEFS, run, mount_table, is_mounted, wait_until, pid_alive, procs_mentioning
 
 
 def read(path):

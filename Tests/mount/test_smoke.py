@@ -1,5 +1,4 @@
 """The smallest promise: a mount serves the source directory and detaches cleanly."""
-import os
 
 from conftest import run, is_mounted, wait_until, pid_alive
 
