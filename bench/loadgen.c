@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -56,6 +57,9 @@ static size_t chunk = 128 << 10;
 static int readers = 4;
 static int nfiles = 64;
 
+/* Set in the mixed workload: readers stop when the writer dies. */
+static volatile int *gStop = NULL;
+
 static inline uint64_t now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -64,6 +68,7 @@ static inline uint64_t now_ns(void) {
 
 static void die(const char *what, const char *path) {
   fprintf(stderr, "loadgen: %s %s: %s\n", what, path ? path : "", strerror(errno));
+  if (gStop) *gStop = 1;
   exit(2);
 }
 
@@ -325,6 +330,7 @@ static void run_mixed(void) {
   Shared *sh = mmap(NULL, sizeof(Shared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (sh == MAP_FAILED) die("mmap", "shared");
   memset(sh, 0, sizeof *sh);
+  gStop = &sh->stop;
   if (readers > 64) readers = 64;
   char *buf = malloc(65536);
   if (!buf) die("malloc", "buffer");
@@ -336,6 +342,8 @@ static void run_mixed(void) {
     pid_t p = fork();
     if (p < 0) die("fork", "reader");
     if (p == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() == 1) _exit(1);
       Samples s;
       samples_init(&s, MAX_SAMPLES / 4);
       char *rb = malloc(65536);

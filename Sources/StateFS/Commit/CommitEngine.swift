@@ -372,10 +372,12 @@ public final class CommitEngine: Sendable {
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
     heal(fd, held: LOCK_EX)
-    let offset: Int64 = append ? Int64(try Sys.fstat(fd).st_size) : 0
+    let size = Int64(try Sys.fstat(fd).st_size)
+    let offset: Int64 = append ? size : 0
     let length = content.size
     // Reserve the blocks first: a full disk then fails here, before the file is touched.
-    if length > 0 {
+    // Rewriting within the current size reuses blocks the file already has.
+    if length > 0 && (append || length > size) {
       do { try Sys.fallocate(fd, statefs_FALLOC_FL_KEEP_SIZE, offset, length) } catch {
         if error.rawValue != EOPNOTSUPP && error.rawValue != ENOSYS { throw error }
       }

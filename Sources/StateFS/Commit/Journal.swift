@@ -109,6 +109,8 @@ struct RecordHeader {
 struct JournalSlot {
   let index: Int
   let fd: Int32
+  /// Bytes of the last record written into the slot (header and content).
+  var recordBytes: Int64 = 0
 }
 
 /// Write-ahead records of in-place commits: each record is written to a reusable
@@ -202,7 +204,9 @@ public final class Journal: Sendable {
       let bytes = header.encode()
       try Sys.pwriteFully(fd, bytes, 0)
       if durable { try Sys.fdatasync(fd) }
-      return slot
+      var used = slot
+      used.recordBytes = Journal.contentOffset + Int64(length)
+      return used
     } catch {
       retire(slot)
       throw error
@@ -228,7 +232,7 @@ public final class Journal: Sendable {
     if ok && durable { try? Sys.fdatasync(slot.fd) }
     if ok {
       // Keep big slots from pinning disk space after a large commit.
-      if let st = try? Sys.fstat(slot.fd), st.st_size > 64 << 20 {
+      if slot.recordBytes > 64 << 20 {
         try? Sys.ftruncate(slot.fd, Journal.contentOffset)
       }
       release(slot)
