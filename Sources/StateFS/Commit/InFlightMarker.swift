@@ -90,13 +90,17 @@ public enum InFlightMarker {
     } catch {
       logger.error(
         "rolling forward a dead writer's commit failed",
-        metadata: ["journal": "\(journal)", "errno": "\(error.rawValue)", "error": "\(error)"])
+        metadata: [
+          "journal": "\(journal)", "errno": "\(error.rawValue)", "error": "\(error)", "path": "\(Recovery.pathOf(fd))",
+        ])
       return false
     }
     unlinkat(privateDirFd, journal, 0)
     logger.notice(
       "rolled forward a commit interrupted by a dead writer",
-      metadata: ["journal": "\(journal)", "inode": "\(h.inode)", "bytes": "\(h.length)"])
+      metadata: [
+        "journal": "\(journal)", "inode": "\(h.inode)", "bytes": "\(h.length)", "path": "\(Recovery.pathOf(fd))",
+      ])
     return true
   }
 }
