@@ -18,6 +18,7 @@
 #include <sys/vfs.h>
 #include <unistd.h>
 #include <sys/uio.h>
+#include <malloc.h>
 #include <linux/fuse.h>
 
 static const int statefs_O_PATH = 010000000;

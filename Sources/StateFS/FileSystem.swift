@@ -69,6 +69,7 @@ public final class FileSystem: Sendable {
 
   /// An entry reply for a node whose stat is `st`.
   func entryParam(_ node: Node, _ st: stat) -> fuse_entry_param {
+    node.file.attributesServed()
     var e = fuse_entry_param()
     e.ino = fuse_ino_t(node.id)
     e.generation = 0

@@ -227,6 +227,7 @@ public final class CommitEngine: Sendable {
       try s.buffer!.write(bytes, count: count, offset: offset)
     }
     s.dirty = true
+    s.epochAtWrite = h.file.attrEpoch.load(ordering: .relaxed)
     if !s.writerOwners.contains(owner) { s.writerOwners.append(owner) }
     clearPending(h, &s)
   }
@@ -246,6 +247,7 @@ public final class CommitEngine: Sendable {
       }
       try s.buffer!.truncate(size)
       s.dirty = true
+      s.epochAtWrite = h.file.attrEpoch.load(ordering: .relaxed)
       // ftruncate carries no lock owner: the next close() by anyone commits it.
       if !s.writerOwners.contains(0) { s.writerOwners.append(0) }
       clearPending(h, &s)
@@ -277,7 +279,8 @@ public final class CommitEngine: Sendable {
 
   /// What a close() (FLUSH) does: commit if the handle wrote since its last commit.
   /// Returns true when a commit happened (the caller invalidates the kernel's caches).
-  /// `owner` is the closing process's lock owner (0 if unknown).
+  /// `owner` is the closing process's lock owner (0 if unknown). Returns true when a
+  /// commit happened that the kernel's cached attributes do not reflect.
   public func flush(_ h: OpenFile, owner: UInt64 = 0) throws(Errno) -> Bool {
     guard h.writable else { return false }
     return try h.state.withLock { (s: inout OpenFileState) throws(Errno) -> Bool in
@@ -294,7 +297,11 @@ public final class CommitEngine: Sendable {
         if owner != 0 && !s.writerOwners.contains(0) && !s.writerOwners.contains(owner) {
           return false
         }
-        return try commitLocked(h, &s, sync: false)
+        // The kernel saw every write of this direct_io handle and marks size and times
+        // stale itself; its caches need dropping only if attributes were handed out
+        // since the last write, or for an append (where the kernel guessed the size).
+        let stale = h.append || h.file.attrEpoch.load(ordering: .relaxed) != s.epochAtWrite
+        return try commitLocked(h, &s, sync: false) && stale
       }
       if s.truncationPending && !s.countedPending {
         // Maybe `echo x > f`'s dup2 close, with the write still to come: publish at

@@ -13,7 +13,14 @@ public final class FileState: Sendable {
   /// Handles open on the file, with the process (thread) id that opened each.
   let views = Mutex<[ObjectIdentifier: (pid: Int32, handle: OpenFile)]>([:])
 
+  /// Counts attribute replies to the kernel for this file: a commit whose writes the
+  /// kernel saw need not drop its cached attributes unless some were handed out since.
+  public let attrEpoch = Atomic<UInt64>(0)
+
   public init() {}
+
+  /// Notes that the kernel was just given this file's attributes.
+  public func attributesServed() { attrEpoch.add(1, ordering: .relaxed) }
 
   /// A handle that `pid` opened (a writable one first), for showing that process its own size.
   public func handle(openedBy pid: Int32) -> OpenFile? {
@@ -45,6 +52,8 @@ struct OpenFileState: ~Copyable {
   var buffer: Blob?
   /// Written since the last commit.
   var dirty = false
+  /// `FileState.attrEpoch` at the handle's last write.
+  var epochAtWrite: UInt64 = 0
   /// The lock owners (one per process's file table) that wrote since the last commit;
   /// a close() by any other process (a child inheriting the descriptor) commits nothing.
   var writerOwners: [UInt64] = []

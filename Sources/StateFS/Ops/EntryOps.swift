@@ -41,9 +41,11 @@ extension FileSystem {
         let size = engine.viewSize(h)
         if size != Int64(st.st_size) {
           st.st_size = off_t(size)
+          n.file.attributesServed()
           return req.attr(st, timeout: 0)
         }
       }
+      n.file.attributesServed()
       req.attr(st, timeout: options.cacheTimeout)
     } catch {
       req.reply(error)
@@ -104,6 +106,7 @@ extension FileSystem {
       }
       var st = try Sys.fstat(n.fd)
       if let s = sizeOverride { st.st_size = off_t(s) }
+      n.file.attributesServed()
       req.attr(st, timeout: sizeOverride == nil ? options.cacheTimeout : 0)
     } catch {
       req.reply(error)
