@@ -108,20 +108,33 @@ static inline uint64_t *statefs_init_unique(void) {
   return &unique;
 }
 
-/// Reads one request from /dev/fuse, noting the INIT request's id.
+/// The flags the kernel offered in its INIT request.
+static inline uint32_t *statefs_init_offered(void) {
+  static uint32_t offered = 0;
+  return &offered;
+}
+
+/// Reads one request from /dev/fuse, noting the INIT request's id and offered flags.
 static inline ssize_t statefs_io_read(int fd, void *buf, size_t len, void *userdata) {
   (void)userdata;
   ssize_t r = read(fd, buf, len);
   if (r >= (ssize_t)sizeof(struct fuse_in_header)) {
     const struct fuse_in_header *h = (const struct fuse_in_header *)buf;
-    if (h->opcode == FUSE_INIT) __atomic_store_n(statefs_init_unique(), h->unique, __ATOMIC_RELEASE);
+    if (h->opcode == FUSE_INIT && r >= (ssize_t)sizeof(struct fuse_in_header) + 16) {
+      uint32_t offered;
+      memcpy(&offered, (const unsigned char *)buf + sizeof(struct fuse_in_header) + 12, 4);
+      __atomic_store_n(statefs_init_offered(), offered, __ATOMIC_RELEASE);
+      __atomic_store_n(statefs_init_unique(), h->unique, __ATOMIC_RELEASE);
+    }
   }
   return r;
 }
 
-/// Writes one reply to /dev/fuse. The INIT reply additionally asks for
-/// FUSE_DIRECT_IO_ALLOW_MMAP (flags2 bit 4, kernel 6.6+), which libfuse 3.14 cannot
-/// request: without it, shared mmap of a direct_io file fails with ENODEV.
+/// Writes one reply to /dev/fuse. The INIT reply additionally asks for two things
+/// libfuse 3.14 cannot request: FUSE_DIRECT_IO_ALLOW_MMAP (flags2 bit 4, kernel 6.6+),
+/// without which shared mmap of a direct_io file fails with ENODEV; and
+/// FUSE_HANDLE_KILLPRIV_V2 (flags bit 28), with which the daemon clears setuid/setgid
+/// bits and file capabilities itself, sparing every O_TRUNC open a GETXATTR round trip.
 static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, void *userdata) {
   (void)userdata;
   if (count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header)) {
@@ -135,6 +148,10 @@ static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, vo
       if (flags & (1u << 30)) { /* FUSE_INIT_EXT: flags2 is read */
         flags2 |= (1u << 4);
         memcpy(out + 32, &flags2, 4);
+      }
+      if (__atomic_load_n(statefs_init_offered(), __ATOMIC_ACQUIRE) & (1u << 28)) {
+        flags |= (1u << 28);
+        memcpy(out + 12, &flags, 4);
       }
       __atomic_store_n(statefs_init_unique(), UINT64_MAX, __ATOMIC_RELEASE);
     }

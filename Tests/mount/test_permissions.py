@@ -319,3 +319,35 @@ def test_without_allow_other_other_users_cannot_enter_the_mount(user, traversabl
     p = as_user(user, ["touch", os.path.join(m.mp, "tmp", "x")])
     assert p.returncode != 0 and "Permission denied" in p.stderr
     assert not os.path.exists(os.path.join(m.src, "tmp", "x"))
+
+
+def test_unprivileged_write_clears_setuid_and_setgid_as_on_a_local_directory(user, traversable, mount_factory, workdir):
+    """statefs asks the kernel to leave set-id clearing to the daemon (which spares every
+    O_TRUNC open a round trip): a write or truncate by a non-root user must still clear
+    S_ISUID and S_ISGID (with group execute), and a write by root keep them, as on ext4."""
+    m = mount_factory(options=["allow_other"])
+    plain = os.path.join(workdir, "plain")
+    os.makedirs(plain)
+    outcomes = {}
+    for label, root, backing in (("mount", m.mp, m.src), ("plain", plain, plain)):
+        os.chmod(root, 0o755)
+        os.chmod(backing, 0o755)
+        modes = {}
+        for name, action in (("w", "echo user > {p}"), ("t", "truncate -s 1 {p}"), ("a", "echo more >> {p}")):
+            p = os.path.join(root, name)
+            with open(os.path.join(backing, name), "wb") as f:
+                f.write(b"root\n")
+            os.chmod(os.path.join(backing, name), 0o6777)
+            r = as_user(user, ["sh", "-c", action.format(p=p)])
+            assert r.returncode == 0, (label, name, r.stderr)
+            modes[name] = stat.S_IMODE(os.stat(os.path.join(backing, name)).st_mode)
+        p = os.path.join(root, "r")
+        with open(os.path.join(backing, "r"), "wb") as f:
+            f.write(b"root\n")
+        os.chmod(os.path.join(backing, "r"), 0o6777)
+        run(["sh", "-c", f"echo root > {p}"], check=True)
+        modes["r"] = stat.S_IMODE(os.stat(os.path.join(backing, "r")).st_mode)
+        outcomes[label] = modes
+    assert outcomes["mount"] == outcomes["plain"], outcomes
+    assert outcomes["mount"]["w"] & (stat.S_ISUID | stat.S_ISGID) == 0
+    assert outcomes["mount"]["r"] & stat.S_ISUID

@@ -93,7 +93,8 @@ public final class CommitEngine: Sendable {
   /// Makes the handle for an open of a regular file; `fd` becomes the handle's
   /// (closed with it, or here on failure).
   public func open(
-    fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState, pid: Int32 = 0
+    fd: Int32, inode: UInt64, nodeID: UInt64, flags: Int32, file: FileState, pid: Int32 = 0,
+    uid: uid_t = 0
   ) throws(Errno)
     -> OpenFile
   {
@@ -112,7 +113,7 @@ public final class CommitEngine: Sendable {
     }
     let handle = OpenFile(
       fd: fd, inode: inode, nodeID: nodeID, writable: writable, append: append, file: file,
-      readSnapshot: writable ? nil : snap, pid: pid)
+      readSnapshot: writable ? nil : snap, pid: pid, dropsPrivileges: uid != 0)
     if pid != 0 { file.views.withLock { $0[ObjectIdentifier(handle)] = (pid, handle) } }
     if writable {
       handle.state.withLock { s in
@@ -351,7 +352,9 @@ public final class CommitEngine: Sendable {
     s.truncationPending = false
     clearPending(h, &s)
     do {
-      try commitContent(fd: h.fd, inode: h.inode, content: content, append: h.append, sync: sync)
+      try commitContent(
+        fd: h.fd, inode: h.inode, content: content, append: h.append, sync: sync,
+        dropPrivileges: h.dropsPrivileges)
     } catch {
       stats.commitFailures.add(1, ordering: .relaxed)
       logger.error(
@@ -373,13 +376,17 @@ public final class CommitEngine: Sendable {
   }
 
   /// Writes one whole version (or one append) into the file open as `fd`, under LOCK_EX.
-  func commitContent(fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool)
+  func commitContent(
+    fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool, dropPrivileges: Bool = false
+  )
     throws(Errno)
   {
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
     heal(fd, held: LOCK_EX)
-    let size = Int64(try Sys.fstat(fd).st_size)
+    let st = try Sys.fstat(fd)
+    let size = Int64(st.st_size)
+    if dropPrivileges { dropPrivilegeBits(fd, st) }
     let offset: Int64 = append ? size : 0
     let length = content.size
     // Reserve the blocks first: a full disk then fails here, before the file is touched.
@@ -423,11 +430,22 @@ public final class CommitEngine: Sendable {
     }
   }
 
+  /// What the kernel leaves to us under FUSE_HANDLE_KILLPRIV_V2: a write or truncate
+  /// by an unprivileged user clears setuid, setgid (with group execute) and capabilities.
+  func dropPrivilegeBits(_ fd: Int32, _ st: stat) {
+    let mode = st.st_mode
+    if mode & S_ISUID != 0 || (mode & S_ISGID != 0 && mode & S_IXGRP != 0) {
+      _ = fchmod(fd, mode & 0o7777 & ~(S_ISUID | S_ISGID))
+    }
+    _ = fremovexattr(fd, "security.capability")
+  }
+
   /// truncate(2) by path: committed at once under LOCK_EX.
-  public func truncateFile(fd: Int32, size: Int64) throws(Errno) {
+  public func truncateFile(fd: Int32, size: Int64, dropPrivileges: Bool = false) throws(Errno) {
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
     heal(fd, held: LOCK_EX)
+    if dropPrivileges, let st = try? Sys.fstat(fd) { dropPrivilegeBits(fd, st) }
     try Sys.ftruncate(fd, size)
     if options.durable { try Sys.fsync(fd) }
     stats.commits.add(1, ordering: .relaxed)

@@ -91,7 +91,8 @@ public enum InFlightMarker {
       logger.error(
         "rolling forward a dead writer's commit failed",
         metadata: [
-          "journal": "\(journal)", "errno": "\(error.rawValue)", "error": "\(error)", "path": "\(Recovery.pathOf(fd))",
+          "journal": "\(journal)", "errno": "\(error.rawValue)", "error": "\(error)",
+          "path": "\(Recovery.pathOf(fd))",
         ])
       return false
     }
@@ -99,7 +100,8 @@ public enum InFlightMarker {
     logger.notice(
       "rolled forward a commit interrupted by a dead writer",
       metadata: [
-        "journal": "\(journal)", "inode": "\(h.inode)", "bytes": "\(h.length)", "path": "\(Recovery.pathOf(fd))",
+        "journal": "\(journal)", "inode": "\(h.inode)", "bytes": "\(h.length)",
+        "path": "\(Recovery.pathOf(fd))",
       ])
     return true
   }

@@ -81,15 +81,19 @@ public final class OpenFile: Sendable {
   public let file: FileState
   /// The process (thread) id that opened the handle.
   public let pid: Int32
+  /// Opened by an unprivileged user: commits clear setuid/setgid bits and file
+  /// capabilities, as a local filesystem does when such a user writes.
+  public let dropsPrivileges: Bool
   /// A read-only handle's version, fixed for its whole life (read without locking).
   let readSnapshot: Blob?
   let state: Mutex<OpenFileState>
 
   init(
     fd: Int32, inode: UInt64, nodeID: UInt64, writable: Bool, append: Bool, file: FileState,
-    readSnapshot: Blob?, pid: Int32
+    readSnapshot: Blob?, pid: Int32, dropsPrivileges: Bool = false
   ) {
     self.pid = pid
+    self.dropsPrivileges = dropsPrivileges
     self.readSnapshot = readSnapshot
     self.fd = fd
     self.inode = inode

@@ -34,12 +34,12 @@ extension FileSystem {
         // Linux empties a file opened O_RDONLY|O_TRUNC: commit that at once.
         let wfd = try Sys.reopen(n.fd, O_WRONLY)
         defer { Sys.close(wfd) }
-        try engine.truncateFile(fd: wfd, size: 0)
+        try engine.truncateFile(fd: wfd, size: 0, dropPrivileges: req.uid != 0)
       }
       // O_NOATIME: capturing a writer's base version is not an access by the program.
       let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR | statefs_O_NOATIME)
       let h = try engine.open(
-        fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid)
+        fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid, uid: req.uid)
       publish(h, fi)
       req.open(fi)
     } catch {
@@ -81,7 +81,8 @@ extension FileSystem {
       let h: OpenFile
       do {
         h = try engine.open(
-          fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file, pid: pid)
+          fd: fd, inode: node.ino, nodeID: node.id, flags: flags, file: node.file, pid: pid,
+          uid: uid)
       } catch {
         table.forget(node.id, 1)
         throw error
