@@ -207,7 +207,34 @@ struct CommitEngineTests {
     stat(s.dir + "/big", &st)
     #expect(st.st_size == 1 << 20)
     let r = try s.handle("big", O_RDONLY)
-    #expect(r.readSnapshot?.isSpilled == true)
+    #expect(r.state.withLock { $0.snapshot?.isInPlace } == true, "a large version is read in place")
+  }
+
+  @Test func largeReaderKeepsItsVersionAndDoesNotBlockThisDaemonsCommit() throws {
+    let s = try Scratch(threshold: 64 << 10)
+    let old = String(repeating: "o", count: 200 << 10)
+    try s.put("big", old)
+    let file = FileState()
+    let r = try s.handle("big", O_RDONLY, file: file)
+    #expect(file.inPlaceReaders.withLock { $0.count } == 1)
+    let w = try s.handle("big", O_WRONLY | O_TRUNC, file: file)
+    try s.write(w, "short")
+    let done = DispatchSemaphore(value: 0)
+    let engine = s.engine
+    DispatchQueue.global().async {
+      _ = try? engine.flush(w)
+      done.signal()
+    }
+    #expect(
+      done.wait(timeout: .now() + 10) == .success, "the reader got its own copy; the commit went on"
+    )
+    #expect(try s.get("big") == "short")
+    var buf = [UInt8](repeating: 0, count: 300 << 10)
+    let n = try buf.withUnsafeMutableBytes { p in
+      try s.engine.read(r, offset: 0, count: p.count, into: p.baseAddress!)
+    }
+    #expect(n == old.utf8.count && buf[0..<n].allSatisfy { $0 == UInt8(ascii: "o") })
+    #expect(file.inPlaceReaders.withLock { $0.count } == 0)
   }
 
   @Test func commitWaitsForAReaderHoldingTheSharedLock() throws {

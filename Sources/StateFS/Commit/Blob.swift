@@ -85,8 +85,11 @@ final class Blob: @unchecked Sendable {
     }
   }
 
-  /// Whether the content lives in a spill file.
+  /// Whether the content lives in a spill file (or is read in place).
   var isSpilled: Bool { fd >= 0 }
+
+  /// Whether this is the backing file itself, read in place under a held LOCK_SH.
+  var isInPlace: Bool { borrowed }
 
   /// The in-memory bytes (nil when spilled or empty).
   var memoryPointer: UnsafeRawPointer? { fd >= 0 ? nil : UnsafeRawPointer(mem) }

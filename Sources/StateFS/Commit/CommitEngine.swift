@@ -70,6 +70,13 @@ public final class CommitEngine: Sendable {
     var keepLock = false
     defer { if !keepLock { unlock(fd) } }
     let st = try Sys.fstat(fd)
+    if holdIfNoSpace && Int64(st.st_size) > spill.threshold {
+      // A large version is read in place: no copy at open (a copy is made only if this
+      // daemon commits a new version while the reader is still open).
+      keepLock = true
+      stats.snapshots.add(1, ordering: .relaxed)
+      return Blob(lockedFile: fd, size: Int64(st.st_size), store: spill)
+    }
     let blob = Blob(store: spill)
     do {
       try blob.fill(from: fd, count: Int64(st.st_size))
@@ -111,10 +118,15 @@ public final class CommitEngine: Sendable {
         throw error
       }
     }
+    let inPlace = snap?.isInPlace ?? false
     let handle = OpenFile(
       fd: fd, inode: inode, nodeID: nodeID, writable: writable, append: append, file: file,
-      readSnapshot: writable ? nil : snap, pid: pid, dropsPrivileges: uid != 0)
+      readSnapshot: writable || inPlace ? nil : snap, pid: pid, dropsPrivileges: uid != 0)
     if pid != 0 { file.views.withLock { $0[ObjectIdentifier(handle)] = (pid, handle) } }
+    if inPlace {
+      handle.state.withLock { $0.snapshot = snap }
+      file.inPlaceReaders.withLock { $0[ObjectIdentifier(handle)] = handle }
+    }
     if writable {
       handle.state.withLock { s in
         s.snapshot = snap
@@ -332,6 +344,7 @@ public final class CommitEngine: Sendable {
   public func release(_ h: OpenFile) -> Bool {
     defer { stats.openHandles.subtract(1, ordering: .relaxed) }
     _ = h.file.views.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
+    _ = h.file.inPlaceReaders.withLock { $0.removeValue(forKey: ObjectIdentifier(h)) }
     guard h.writable else { return false }
     return h.state.withLock { s -> Bool in
       defer { clearPending(h, &s) }
@@ -354,7 +367,7 @@ public final class CommitEngine: Sendable {
     do {
       try commitContent(
         fd: h.fd, inode: h.inode, content: content, append: h.append, sync: sync,
-        dropPrivileges: h.dropsPrivileges)
+        dropPrivileges: h.dropsPrivileges, file: h.file)
     } catch {
       stats.commitFailures.add(1, ordering: .relaxed)
       logger.error(
@@ -377,10 +390,12 @@ public final class CommitEngine: Sendable {
 
   /// Writes one whole version (or one append) into the file open as `fd`, under LOCK_EX.
   func commitContent(
-    fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool, dropPrivileges: Bool = false
+    fd: Int32, inode: UInt64, content: Blob, append: Bool, sync: Bool, dropPrivileges: Bool = false,
+    file: FileState? = nil
   )
     throws(Errno)
   {
+    if let file { detachInPlaceReaders(file) }
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
     heal(fd, held: LOCK_EX)
@@ -440,8 +455,38 @@ public final class CommitEngine: Sendable {
     _ = fremovexattr(fd, "security.capability")
   }
 
+  /// Gives every reader of `file` that reads a large version in place its own copy and
+  /// drops its LOCK_SH, so this daemon's commit need not wait for it to close. A reader
+  /// whose copy fails (no space) stays in place, and the commit waits for it.
+  func detachInPlaceReaders(_ file: FileState) {
+    let readers = file.inPlaceReaders.withLock { Array($0.values) }
+    for r in readers {
+      let detached = r.state.withLock { s -> Bool in
+        guard let current = s.snapshot, current.isInPlace else { return true }
+        let copy = Blob(store: spill)
+        do throws(Errno) { try copy.fill(from: r.fd, count: current.size) } catch {
+          logger.warning(
+            "no space to copy an open reader's version: the commit waits for it to close",
+            metadata: ["path": "\(describe(r.fd))", "errno": "\(error.rawValue)"])
+          return false
+        }
+        s.snapshot = copy
+        unlock(r.fd)
+        return true
+      }
+      if detached {
+        _ = file.inPlaceReaders.withLock { $0.removeValue(forKey: ObjectIdentifier(r)) }
+      }
+    }
+  }
+
   /// truncate(2) by path: committed at once under LOCK_EX.
-  public func truncateFile(fd: Int32, size: Int64, dropPrivileges: Bool = false) throws(Errno) {
+  public func truncateFile(
+    fd: Int32, size: Int64, dropPrivileges: Bool = false, file: FileState? = nil
+  )
+    throws(Errno)
+  {
+    if let file { detachInPlaceReaders(file) }
     try lock(fd, LOCK_EX)
     defer { unlock(fd) }
     heal(fd, held: LOCK_EX)

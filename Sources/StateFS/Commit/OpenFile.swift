@@ -10,6 +10,10 @@ public final class FileState: Sendable {
   /// written yet: their truncation is still to be published.
   let pendingTruncations = Atomic<Int>(0)
 
+  /// Read-only handles serving a large version in place under a held LOCK_SH; a commit
+  /// by this daemon first gives each its own copy, so the lock can go.
+  let inPlaceReaders = Mutex<[ObjectIdentifier: OpenFile]>([:])
+
   /// Handles open on the file, with the process (thread) id that opened each.
   let views = Mutex<[ObjectIdentifier: (pid: Int32, handle: OpenFile)]>([:])
 

@@ -81,7 +81,8 @@ extension FileSystem {
         } else {
           let fd = try Sys.reopen(n.fd, O_WRONLY)
           defer { Sys.close(fd) }
-          try engine.truncateFile(fd: fd, size: Int64(a.st_size), dropPrivileges: req.uid != 0)
+          try engine.truncateFile(
+            fd: fd, size: Int64(a.st_size), dropPrivileges: req.uid != 0, file: n.file)
         }
       }
       if toSet

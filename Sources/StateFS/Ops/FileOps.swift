@@ -34,7 +34,7 @@ extension FileSystem {
         // Linux empties a file opened O_RDONLY|O_TRUNC: commit that at once.
         let wfd = try Sys.reopen(n.fd, O_WRONLY)
         defer { Sys.close(wfd) }
-        try engine.truncateFile(fd: wfd, size: 0, dropPrivileges: req.uid != 0)
+        try engine.truncateFile(fd: wfd, size: 0, dropPrivileges: req.uid != 0, file: n.file)
       }
       // O_NOATIME: capturing a writer's base version is not an access by the program.
       let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR | statefs_O_NOATIME)
