@@ -159,13 +159,20 @@ static inline ssize_t statefs_io_writev(int fd, struct iovec *iov, int count, vo
   return writev(fd, iov, count);
 }
 
+/// splice(2) for replies whose data sits in a file (no copy through the daemon).
+static inline ssize_t statefs_io_splice_send(int fdin, off_t *offin, int fdout, off_t *offout,
+                                             size_t len, unsigned int flags, void *userdata) {
+  (void)userdata;
+  return syscall(SYS_splice, fdin, offin, fdout, offout, len, flags);
+}
+
 /// Routes the session's /dev/fuse traffic through statefs_io_read/_writev.
 static inline int statefs_use_custom_io(struct fuse_session *se) {
   static const struct fuse_custom_io io = {
     .writev = statefs_io_writev,
     .read = statefs_io_read,
     .splice_receive = NULL,
-    .splice_send = NULL,
+    .splice_send = statefs_io_splice_send,
   };
   return fuse_session_custom_io(se, &io, fuse_session_fd(se));
 }

@@ -31,6 +31,10 @@ func makeOperations() -> fuse_lowlevel_ops {
     }
     // Reading a file's version is done once at open; the kernel need not read ahead.
     want &= ~UInt32(FUSE_CAP_AUTO_INVAL_DATA)
+    // Replies from spill files and in-place versions are spliced, not copied.
+    if c.capable & UInt32(FUSE_CAP_SPLICE_WRITE) != 0 {
+      want |= UInt32(FUSE_CAP_SPLICE_WRITE) | UInt32(FUSE_CAP_SPLICE_MOVE)
+    }
     conn.pointee.want = want
     // Large writes and reads in few round trips (libfuse's buffer allows 1 MiB).
     conn.pointee.max_write = 1 << 20

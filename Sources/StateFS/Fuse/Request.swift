@@ -120,6 +120,13 @@ public struct Request: ~Copyable {
     discard self
   }
 
+  /// Hands the raw request to `body`, which must send exactly one reply (for replies
+  /// that have to be sent while a lock is held).
+  consuming func answerDirectly(_ body: (fuse_req_t) -> Void) {
+    body(raw)
+    discard self
+  }
+
   /// For forget: no reply at all.
   consuming func none() {
     fuse_reply_none(raw)

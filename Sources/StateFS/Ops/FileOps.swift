@@ -1,8 +1,41 @@
 import CFuse
+import Synchronization
 
 #if canImport(Glibc)
   import Glibc
 #endif
+
+/// Reusable buffers for read replies, so a read costs no allocation (a fresh 128 KiB
+/// allocation is an mmap and munmap each time).
+final class ReadBuffers: Sendable {
+  static let shared = ReadBuffers()
+  static let size = (1 << 20) + 4096
+  private let free = Mutex<[UInt]>([])
+
+  /// A buffer of at least `size` bytes.
+  func take(_ size: Int) -> UnsafeMutableRawPointer {
+    if size <= ReadBuffers.size, let bits = free.withLock({ $0.popLast() }),
+      let b = UnsafeMutableRawPointer(bitPattern: bits)
+    {
+      return b
+    }
+    return UnsafeMutableRawPointer.allocate(byteCount: max(size, ReadBuffers.size), alignment: 16)
+  }
+
+  /// Returns a buffer from `take`.
+  func give(_ b: UnsafeMutableRawPointer, _ size: Int) {
+    if size <= ReadBuffers.size {
+      let bits = UInt(bitPattern: b)
+      let kept = free.withLock { f -> Bool in
+        if f.count >= 16 { return false }
+        f.append(bits)
+        return true
+      }
+      if kept { return }
+    }
+    b.deallocate()
+  }
+}
 
 /// Open files: every regular-file handle goes through the commit engine.
 extension FileSystem {
@@ -121,8 +154,32 @@ extension FileSystem {
       if snap.isSpilled { return req.data(fd: snap.fd, offset: off, count: n) }
       return req.buffer(UnsafeRawBufferPointer(start: snap.memoryPointer! + Int(off), count: n))
     }
-    let buf = UnsafeMutableRawPointer.allocate(byteCount: max(size, 1), alignment: 16)
-    defer { buf.deallocate() }
+    let buf = ReadBuffers.shared.take(size)
+    defer { ReadBuffers.shared.give(buf, size) }
+    if !h.writable {
+      // A large version read in place (or the copy it got when a commit came): the
+      // reply is sent under the handle's lock, so a commit cannot change it mid-way.
+      return req.answerDirectly { raw in
+        h.state.withLock { s in
+          guard let blob = s.snapshot else {
+            fuse_reply_buf(raw, nil, 0)
+            return
+          }
+          if blob.isSpilled {
+            // Spliced from the file to the kernel: no copy through the daemon.
+            let n = off < blob.size ? Int(min(Int64(size), blob.size - off)) : 0
+            if statefs_reply_fd_data(raw, blob.fd, off_t(off), n) != 0 { fuse_reply_err(raw, EIO) }
+            return
+          }
+          do throws(Errno) {
+            let n = try blob.read(into: buf, count: size, offset: off)
+            fuse_reply_buf(raw, buf.assumingMemoryBound(to: CChar.self), n)
+          } catch {
+            fuse_reply_err(raw, error.rawValue)
+          }
+        }
+      }
+    }
     do {
       let n = try engine.read(h, offset: off, count: size, into: buf)
       req.buffer(UnsafeRawBufferPointer(start: buf, count: n))
