@@ -245,13 +245,17 @@ struct CommitEngineTests {
     #expect(flock(holder, LOCK_SH) == 0)
     let w = try s.handle("f", O_WRONLY | O_TRUNC)
     try s.write(w, "new")
+    let started = DispatchSemaphore(value: 0)
     let done = DispatchSemaphore(value: 0)
     let engine = s.engine
     DispatchQueue.global().async {
+      started.signal()
       _ = try? engine.flush(w)
       done.signal()
     }
-    #expect(done.wait(timeout: .now() + 0.3) == .timedOut, "the commit must wait for LOCK_SH to go")
+    // Only once the committer runs does "not done yet" mean "waiting for the lock".
+    #expect(started.wait(timeout: .now() + 10) == .success)
+    #expect(done.wait(timeout: .now() + 0.5) == .timedOut, "the commit must wait for LOCK_SH to go")
     #expect(try s.get("f") == "old")
     flock(holder, LOCK_UN)
     #expect(done.wait(timeout: .now() + 10) == .success)
