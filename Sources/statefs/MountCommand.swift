@@ -359,6 +359,9 @@ struct Mount: ParsableCommand {
     if let fd = ready { close(fd) }
     let r = session.run(maxThreads: opts.threads)
     engine.shutdown()
+    // Leave the directory as it was: the private directory goes if nothing is left in it
+    // (another daemon's journal, or a record a failed commit kept, stays).
+    if !opts.readOnly { unlinkat(rootFd, privateDirectoryName, AT_REMOVEDIR) }
     logger.info("unmounted", metadata: ["mountpoint": "\(plan.mountpoint)"])
     // The loop returns the signal number when SIGTERM/SIGINT/SIGHUP ended it: a clean stop.
     Glibc.exit(r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP ? 0 : 1)

@@ -297,3 +297,17 @@ def test_status_lists_live_mounts_with_their_pids(mount_factory):
     entries = json.loads(run([STATEFS, "status", "--json"], timeout=60, check=True).stdout)
     assert b.mp not in [e["mountpoint"] for e in entries]
     assert a.mp in [e["mountpoint"] for e in entries]
+
+
+def test_clean_unmount_leaves_the_directory_as_plain_files(mount_factory):
+    """After fusermount -u the files are plain files again: the daemon's private
+    directory (journal slots, spill files) is gone, the committed content stays."""
+    m = mount_factory(inplace=True)
+    run(["sh", "-c", f"echo RUNNING > {m.path('job')}"], check=True)
+    assert os.path.isdir(os.path.join(m.src, ".statefs")) or not is_mounted(m.mp)
+    pid = m.pid
+    assert run(["fusermount3", "-u", m.mp], timeout=30).returncode == 0
+    assert wait_until(lambda: not pid_alive(pid), timeout=20)
+    assert sorted(os.listdir(m.src)) == ["job"]
+    with open(os.path.join(m.src, "job")) as f:
+        assert f.read() == "RUNNING\n"

@@ -284,10 +284,12 @@ public final class CommitEngine: Sendable {
   }
 
   /// At shutdown: publish the truncations of handles that were closed but whose
-  /// RELEASE never arrived (the program's close() already returned).
+  /// RELEASE never arrived (the program's close() already returned), then delete the
+  /// journal slots that hold nothing.
   public func shutdown() {
     let left = awaitingRelease.withLock { Array($0.values) }
     for h in left { _ = release(h) }
+    journal.removeIdleSlots()
   }
 
   /// What a close() (FLUSH) does: commit if the handle wrote since its last commit.

@@ -146,10 +146,18 @@ public final class Journal: Sendable {
     }
   }
 
-  deinit {
-    for s in free.withLock({ $0 }) {
-      Sys.close(s.fd)
+  deinit { removeIdleSlots() }
+
+  /// Deletes the slots holding no live record (at a clean stop): what a crash could
+  /// still need stays.
+  public func removeIdleSlots() {
+    let idle = free.withLock { f -> [JournalSlot] in
+      defer { f.removeAll() }
+      return f
+    }
+    for s in idle {
       unlinkat(dirFd, fileName(s), 0)
+      Sys.close(s.fd)
     }
   }
 
