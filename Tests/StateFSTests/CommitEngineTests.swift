@@ -285,6 +285,29 @@ struct CommitEngineTests {
     #expect(try s.get("f") == "the new version")
   }
 
+  @Test func largeCommitIsJournaledByLinkingItsSpillFile() throws {
+    let s = try Scratch(threshold: 64 << 10)
+    try s.put("f", "previous")
+    let fd = open(s.dir + "/f", O_RDWR)
+    defer { close(fd) }
+    let content = Blob(store: s.engine.spill)
+    let big = [UInt8](repeating: 0x5A, count: 300 << 10)
+    try big.withUnsafeBytes { p in try content.write(p.baseAddress!, count: p.count, offset: 0) }
+    #expect(content.isSpilled)
+    let journal = Journal(dirFd: s.privFd, durable: false)
+    let slot = try journal.begin(
+      target: fd, inode: s.ino("f"), kind: .replace, offset: 0, content: content)
+    #expect(slot?.dataFile != nil, "a spilled version is linked, not copied")
+    #expect((slot?.recordBytes ?? 0) < 4096, "the record holds a name, not 300 KiB")
+    try "torn".write(toFile: s.dir + "/f", atomically: false, encoding: .utf8)
+    close(slot!.fd)
+    #expect(try recover(s) == 1)
+    let data = try Data(contentsOf: URL(fileURLWithPath: s.dir + "/f"))
+    #expect(data.count == big.count && data.allSatisfy { $0 == 0x5A })
+    let left = try FileManager.default.contentsOfDirectory(atPath: s.dir + "/.statefs")
+    #expect(!left.contains { $0.hasPrefix("data-") }, "the data file goes with its record")
+  }
+
   @Test func incompleteRecordIsDroppedAndTheFileKeepsItsVersion() throws {
     let s = try Scratch()
     try s.put("f", "previous")

@@ -86,7 +86,8 @@ public enum InFlightMarker {
       // writable descriptor of the same file.
       let wfd = try Sys.reopen(fd, O_RDWR)
       defer { Sys.close(wfd) }
-      try Recovery.apply(h, journalFd: jfd, target: wfd, durable: durable)
+      try Recovery.apply(
+        h, journalFd: jfd, target: wfd, durable: durable, privateDirFd: privateDirFd)
     } catch {
       logger.error(
         "rolling forward a dead writer's commit failed",

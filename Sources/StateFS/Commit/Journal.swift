@@ -12,6 +12,14 @@ enum JournalKind: UInt32 {
   case replace = 1
   /// Write the content at an offset and cut the file there (an append).
   case append = 2
+  /// Replace the whole content with a data file in the private directory, whose name
+  /// the record holds (large commits: their spill file is linked, not copied).
+  case replaceFromFile = 3
+}
+
+extension RecordHeader {
+  /// Bytes of the record's own content area: the new content, or the data file's name.
+  var contentBytes: UInt64 { kind == .replaceFromFile ? offset : length }
 }
 
 /// A 64-bit checksum over a byte stream, fed in chunks whose sizes are multiples of 8
@@ -111,6 +119,8 @@ struct JournalSlot {
   let fd: Int32
   /// Bytes of the last record written into the slot (header and content).
   var recordBytes: Int64 = 0
+  /// The data file the live record names (`replaceFromFile`), deleted at retirement.
+  var dataFile: String?
 }
 
 /// Write-ahead records of in-place commits: each record is written to a reusable
@@ -185,8 +195,22 @@ public final class Journal: Sendable {
     guard enabled else { return nil }
     // Emptying a file is one ftruncate, which a crash cannot tear.
     if kind == .replace && content.size == 0 { return nil }
-    let slot = try acquire()
+    var slot = try acquire()
     do throws(Errno) {
+      // A large spilled version is linked into the private directory rather than copied
+      // into the journal: one copy of it less per commit.
+      var kind = kind
+      var nameBytes: [UInt8] = []
+      if kind == .replace && content.isSpilled && !content.isInPlace {
+        let name = "data-" + fileName(slot)
+        unlinkat(dirFd, name, 0)
+        if linkat(AT_FDCWD, Sys.procPath(content.fd), dirFd, name, AT_SYMLINK_FOLLOW) == 0 {
+          if durable { try Sys.fdatasync(content.fd) }
+          kind = .replaceFromFile
+          nameBytes = Array(name.utf8)
+          slot.dataFile = name
+        }
+      }
       var handle = [UInt8](repeating: 0, count: 128)
       var type: Int32 = 0
       let n = handle.withUnsafeMutableBytes {
@@ -197,24 +221,30 @@ public final class Journal: Sendable {
       var sum = Checksum()
       var at = Journal.contentOffset
       let fd = slot.fd
-      try content.forEachChunk { (chunk) throws(Errno) in
-        sum.update(chunk)
-        try Sys.pwriteFully(fd, chunk.baseAddress!, chunk.count, at)
-        at += Int64(chunk.count)
+      if kind == .replaceFromFile {
+        nameBytes.withUnsafeBytes { sum.update($0) }
+        try Sys.pwriteFully(fd, nameBytes, at)
+        at += Int64(nameBytes.count)
+      } else {
+        try content.forEachChunk { (chunk) throws(Errno) in
+          sum.update(chunk)
+          try Sys.pwriteFully(fd, chunk.baseAddress!, chunk.count, at)
+          at += Int64(chunk.count)
+        }
       }
       let length = UInt64(content.size)
+      let recordOffset = kind == .replaceFromFile ? UInt64(nameBytes.count) : UInt64(offset)
       let header = RecordHeader(
         kind: kind, sequence: sequence.add(1, ordering: .relaxed).newValue, inode: inode,
-        offset: UInt64(offset), length: length, handleType: type, handle: handle,
+        offset: recordOffset, length: length, handleType: type, handle: handle,
         checksum: RecordHeader.seal(
-          kind: kind, inode: inode, offset: UInt64(offset), length: length, handle: handle,
+          kind: kind, inode: inode, offset: recordOffset, length: length, handle: handle,
           content: sum.value))
       let bytes = header.encode()
       try Sys.pwriteFully(fd, bytes, 0)
       if durable { try Sys.fdatasync(fd) }
-      var used = slot
-      used.recordBytes = Journal.contentOffset + Int64(length)
-      return used
+      slot.recordBytes = at
+      return slot
     } catch {
       retire(slot)
       throw error
@@ -239,11 +269,15 @@ public final class Journal: Sendable {
     let ok = (try? Sys.pwriteFully(slot.fd, &zero, 8, 0)) != nil
     if ok && durable { try? Sys.fdatasync(slot.fd) }
     if ok {
+      if let data = slot.dataFile { unlinkat(dirFd, data, 0) }
       // Keep big slots from pinning disk space after a large commit.
       if slot.recordBytes > 64 << 20 {
         try? Sys.ftruncate(slot.fd, Journal.contentOffset)
       }
-      release(slot)
+      var idle = slot
+      idle.dataFile = nil
+      idle.recordBytes = 0
+      release(idle)
     } else {
       // A slot whose record could not be retired must not be reused or deleted.
       Sys.close(slot.fd)

@@ -74,8 +74,8 @@ public enum Recovery {
       }
       do {
         try recoverOne(
-          fd: fd, name: name, sourceFd: sourceFd, durable: durable, logger: logger, report: &report,
-          stats: stats)
+          fd: fd, name: name, sourceFd: sourceFd, privateDirFd: privateDirFd, durable: durable,
+          logger: logger, report: &report, stats: stats)
       } catch let e as JournalError {
         if discardCorrupt {
           logger.error(
@@ -88,12 +88,20 @@ public enum Recovery {
       if durable { try? Sys.fsync(fd) }
       unlinkat(privateDirFd, name, 0)
     }
+    // Data files of large commits whose journal slot is gone (recovered above, or
+    // retired by a daemon that died before deleting them) are stale.
+    for name in names where name.hasPrefix("data-") {
+      let journal = String(name.dropFirst(5))
+      if faccessat(privateDirFd, journal, F_OK, AT_SYMLINK_NOFOLLOW) != 0 {
+        if unlinkat(privateDirFd, name, 0) == 0 { report.removedStale += 1 }
+      }
+    }
     if durable { try? Sys.fsync(privateDirFd) }
     return report
   }
 
   private static func recoverOne(
-    fd: Int32, name: String, sourceFd: Int32, durable: Bool, logger: Logger,
+    fd: Int32, name: String, sourceFd: Int32, privateDirFd: Int32, durable: Bool, logger: Logger,
     report: inout RecoveryReport,
     stats: Stats?
   ) throws {
@@ -115,7 +123,7 @@ public enum Recovery {
     defer { Sys.close(target) }
     try Sys.flock(target, LOCK_EX)
     defer { Sys.unlock(target) }
-    try apply(h, journalFd: fd, target: target, durable: durable)
+    try apply(h, journalFd: fd, target: target, durable: durable, privateDirFd: privateDirFd)
     report.rolledForward += 1
     stats?.recoveries.add(1, ordering: .relaxed)
     logger.notice(
@@ -159,14 +167,15 @@ public enum Recovery {
     }
     // Verify the content before touching the target: incomplete means "never happened".
     var sum = Checksum()
-    var complete = Int64(st.st_size) >= Journal.contentOffset + Int64(h.length)
+    let bytes = Int64(h.contentBytes)
+    var complete = Int64(st.st_size) >= Journal.contentOffset + bytes
     if complete {
       let chunk = 1 << 20
       let buf = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 16)
       defer { buf.deallocate() }
       var off: Int64 = 0
-      while off < Int64(h.length) {
-        let want = Int(min(Int64(chunk), Int64(h.length) - off))
+      while off < bytes {
+        let want = Int(min(Int64(chunk), bytes - off))
         let got = try Sys.preadFully(fd, buf, want, Journal.contentOffset + off)
         if got != want {
           complete = false
@@ -184,17 +193,44 @@ public enum Recovery {
 
   /// Writes a verified record into its target (the caller holds LOCK_EX on it), then
   /// retires the record and clears the target's in-flight marker.
-  static func apply(_ h: RecordHeader, journalFd fd: Int32, target: Int32, durable: Bool)
-    throws(Errno)
-  {
-    let copied = try Sys.copyRange(
-      from: fd, at: Journal.contentOffset, to: target, at: Int64(h.offset), count: Int64(h.length))
-    if copied != Int64(h.length) { throw Errno.ioError }
-    try Sys.ftruncate(target, Int64(h.offset + h.length))
+  static func apply(
+    _ h: RecordHeader, journalFd fd: Int32, target: Int32, durable: Bool, privateDirFd: Int32
+  ) throws(Errno) {
+    if h.kind == .replaceFromFile {
+      guard let name = dataFileName(h, journalFd: fd) else { throw Errno.ioError }
+      let data = try Sys.openat(privateDirFd, name, O_RDONLY | O_NOFOLLOW)
+      defer { Sys.close(data) }
+      guard Int64(try Sys.fstat(data).st_size) == Int64(h.length) else { throw Errno.ioError }
+      let copied = try Sys.copyRange(from: data, at: 0, to: target, at: 0, count: Int64(h.length))
+      if copied != Int64(h.length) { throw Errno.ioError }
+      try Sys.ftruncate(target, Int64(h.length))
+    } else {
+      let copied = try Sys.copyRange(
+        from: fd, at: Journal.contentOffset, to: target, at: Int64(h.offset), count: Int64(h.length)
+      )
+      if copied != Int64(h.length) { throw Errno.ioError }
+      try Sys.ftruncate(target, Int64(h.offset + h.length))
+    }
     if durable { try Sys.fsync(target) }
     var zero: UInt64 = 0
     try Sys.pwriteFully(fd, &zero, 8, 0)
     InFlightMarker.clear(target)
+    if h.kind == .replaceFromFile, let name = dataFileName(h, journalFd: fd) {
+      unlinkat(privateDirFd, name, 0)
+    }
+  }
+
+  /// The data file a `replaceFromFile` record names.
+  static func dataFileName(_ h: RecordHeader, journalFd fd: Int32) -> String? {
+    guard h.kind == .replaceFromFile, h.offset > 0, h.offset <= 255 else { return nil }
+    var name = [UInt8](repeating: 0, count: Int(h.offset))
+    let n =
+      (try? name.withUnsafeMutableBytes { (p) throws(Errno) -> Int in
+        try Sys.preadFully(fd, p.baseAddress!, p.count, Journal.contentOffset)
+      }) ?? 0
+    guard n == name.count else { return nil }
+    let text = String(decoding: name, as: UTF8.self)
+    return text.hasPrefix("data-") && !text.contains("/") ? text : nil
   }
 
   /// Opens the record's file by its handle, else by a walk of the source tree for its inode.
