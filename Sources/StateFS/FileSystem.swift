@@ -97,6 +97,9 @@ public final class FileSystem: Sendable {
     throws(Errno)
   {
     if uid == 0 && gid == 0 { return }
+    // Only a daemon running as root can give files away; otherwise they are the
+    // daemon user's, as on any FUSE filesystem a user mounted.
+    if geteuid() != 0 { return }
     let pst = try Sys.fstat(parent.fd)
     let group = (pst.st_mode & S_ISGID) != 0 ? pst.st_gid : gid
     _ = try retrying { fchownat(parent.fd, name, uid, group, AT_SYMLINK_NOFOLLOW) }

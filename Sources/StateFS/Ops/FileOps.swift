@@ -69,8 +69,7 @@ extension FileSystem {
         defer { Sys.close(wfd) }
         try engine.truncateFile(fd: wfd, size: 0, dropPrivileges: req.uid != 0, file: n.file)
       }
-      // O_NOATIME: capturing a writer's base version is not an access by the program.
-      let fd = try Sys.reopen(n.fd, acc == O_RDONLY ? O_RDONLY : O_RDWR | statefs_O_NOATIME)
+      let fd = try reopenForHandle(n.fd, writable: acc != O_RDONLY)
       let h = try engine.open(
         fd: fd, inode: n.ino, nodeID: n.id, flags: flags, file: n.file, pid: req.pid, uid: req.uid)
       publish(h, fi)
@@ -128,6 +127,18 @@ extension FileSystem {
     }
   }
 
+  /// The handle's own descriptor of a backing file: read-only, or read-write without
+  /// touching atime (capturing a writer's base version is not an access by the program).
+  private func reopenForHandle(_ pathFd: Int32, writable: Bool) throws(Errno) -> Int32 {
+    if !writable { return try Sys.reopen(pathFd, O_RDONLY) }
+    do {
+      return try Sys.reopen(pathFd, O_RDWR | statefs_O_NOATIME)
+    } catch  where error.rawValue == EPERM {
+      // O_NOATIME needs ownership (or CAP_FOWNER): a daemon not run as root does without.
+      return try Sys.reopen(pathFd, O_RDWR)
+    }
+  }
+
   /// Creates `name` exclusively, or opens the existing file when the caller allowed it.
   private func openOrCreate(
     _ dirFd: Int32, _ name: UnsafePointer<CChar>, mode: mode_t, exclusive: Bool
@@ -139,7 +150,12 @@ extension FileSystem {
     } catch {
       if error.rawValue != EEXIST || exclusive { throw error }
     }
-    return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW | statefs_O_NOATIME), false)
+    do {
+      return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW | statefs_O_NOATIME), false)
+    } catch  where error.rawValue == EPERM {
+      // O_NOATIME needs ownership (or CAP_FOWNER): a daemon not run as root does without.
+      return (try Sys.openat(dirFd, name, O_RDWR | O_NOFOLLOW), false)
+    }
   }
 
   func read(
