@@ -139,8 +139,12 @@ struct Mount: ParsableCommand {
     if probe < 0 { throw StartError("source \(src) cannot be read: \(describeErrno(errno))") }
     close(probe)
     if access("/dev/fuse", R_OK | W_OK) != 0 {
-      throw StartError(
-        "cannot use /dev/fuse: \(describeErrno(errno)) (install fuse3 and load the fuse module)")
+      let e = errno
+      let hint =
+        e == EACCES
+        ? "FUSE is not open to this user: an administrator can chmod 0666 /dev/fuse"
+        : "install fuse3 and load the fuse module"
+      throw StartError("cannot use /dev/fuse: \(describeErrno(e)) (\(hint))")
     }
     var dev = stat()
     // The FUSE device is character device 10:229.
@@ -250,7 +254,11 @@ struct Mount: ParsableCommand {
       let text = line + "\n"
       _ = text.withCString { write(fd, $0, strlen($0)) }
     }
+    var madePrivateDir = false
+    var sourceFd: Int32 = -1
     func die(_ message: String, code: Int32 = 1) -> Never {
+      // A failed start leaves the source as it found it.
+      if madePrivateDir && sourceFd >= 0 { removePrivateDirectory(sourceFd) }
       report("error: " + message)
       fail(message, code: code)
     }
@@ -267,6 +275,7 @@ struct Mount: ParsableCommand {
     // never through the mountpoint that is about to hide it.
     let rootFd = open(plan.source, LinuxFlags.path | O_DIRECTORY | O_CLOEXEC)
     if rootFd < 0 { die("source \(plan.source) cannot be opened: \(describeErrno(errno))") }
+    sourceFd = rootFd
 
     let stats = Stats()
     var spillDirFd: Int32
@@ -289,7 +298,9 @@ struct Mount: ParsableCommand {
         close(priv)
       }
     } else {
-      if mkdirat(rootFd, privateDirectoryName, 0o700) != 0 && errno != EEXIST {
+      if mkdirat(rootFd, privateDirectoryName, 0o700) == 0 {
+        madePrivateDir = true
+      } else if errno != EEXIST {
         die("cannot create \(plan.source)/\(privateDirectoryName): \(describeErrno(errno))")
       }
       spillDirFd = openat(
@@ -366,4 +377,21 @@ struct Mount: ParsableCommand {
     // The loop returns the signal number when SIGTERM/SIGINT/SIGHUP ended it: a clean stop.
     Glibc.exit(r == 0 || r == SIGTERM || r == SIGINT || r == SIGHUP ? 0 : 1)
   }
+}
+
+/// Removes the private directory this start made, with the idle journal slots in it.
+func removePrivateDirectory(_ sourceFd: Int32) {
+  let fd = openat(sourceFd, privateDirectoryName, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+  guard fd >= 0, let dir = fdopendir(fd) else { return }
+  let mine = "journal-\(getpid())-"
+  var names: [String] = []
+  while let de = readdir(dir) {
+    names.append(
+      withUnsafeBytes(of: de.pointee.d_name) {
+        String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+      })
+  }
+  for name in names where name.hasPrefix(mine) { unlinkat(dirfd(dir), name, 0) }
+  closedir(dir)
+  unlinkat(sourceFd, privateDirectoryName, AT_REMOVEDIR)
 }
