@@ -601,3 +601,16 @@ def test_private_name_is_an_ordinary_name_below_the_root(mnt):
     write_backing(mnt.path("sub", ".statefs", "mine"), "user data")
     assert os.listdir(mnt.path("sub")) == [".statefs"]
     assert read(mnt.backing("sub", ".statefs", "mine")) == b"user data"
+
+
+def test_touch_h_sets_a_symlinks_own_times(mnt):
+    """`touch -h` (utimensat with AT_SYMLINK_NOFOLLOW) changes the link, not its target,
+    as on a local directory."""
+    os.symlink("target", mnt.path("l"))
+    with open(mnt.backing("target"), "w") as f:
+        f.write("t")
+    before = os.stat(mnt.backing("target")).st_mtime
+    assert run(["touch", "-h", "-d", "2001-02-03 04:05:06 UTC", mnt.path("l")]).returncode == 0
+    assert int(os.lstat(mnt.backing("l")).st_mtime) == 981173106
+    assert int(os.lstat(mnt.path("l")).st_mtime) == 981173106
+    assert os.stat(mnt.backing("target")).st_mtime == before

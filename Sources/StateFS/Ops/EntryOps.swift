@@ -100,10 +100,7 @@ extension FileSystem {
         } else if toSet & FUSE_SET_ATTR_MTIME != 0 {
           ts[1] = a.st_mtim
         }
-        if n.type == S_IFLNK {
-          throw Errno.notSupported
-        }
-        _ = try retrying { utimensat(AT_FDCWD, Sys.procPath(n.fd), ts, 0) }
+        try setTimes(n, ts)
       }
       var st = try Sys.fstat(n.fd)
       if let s = sizeOverride { st.st_size = off_t(s) }
@@ -112,6 +109,15 @@ extension FileSystem {
     } catch {
       req.reply(error)
     }
+  }
+
+  /// utimensat on the node itself (a symlink too, as `touch -h` wants); kernels without
+  /// AT_EMPTY_PATH for utimensat get the /proc path, which follows symlinks.
+  private func setTimes(_ n: Node, _ ts: [timespec]) throws(Errno) {
+    if utimensat(n.fd, "", ts, LinuxFlags.emptyPath) == 0 { return }
+    let e = errno
+    if e != EINVAL || n.type == S_IFLNK { throw Errno(e) }
+    _ = try retrying { utimensat(AT_FDCWD, Sys.procPath(n.fd), ts, 0) }
   }
 
   func readlink(_ req: consuming Request, _ ino: UInt64) {
